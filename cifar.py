@@ -1,0 +1,361 @@
+"""CIFAR-10 quantization-aware training for CPU deployment.
+
+float training -> fuse + fbgemm QAT fine-tuning -> int8 (TorchScript) -> PTQ baseline
+-> ONNX export, check, simplify, ONNX Runtime verification -> CPU latency benchmark -> report.
+
+    python cifar.py                      # the full default pipeline for model_name
+    python cifar.py --model resnet18 --epochs 1 --qat-epochs 1 --train-subset 2000 --test-subset 1000
+"""
+import argparse
+import copy
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.ao import quantization as tq
+from torch.ao.nn.intrinsic import qat as nniqat
+
+import models
+import utils
+
+model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        sys.exit(f"{self.prog}: error: {message}")
+
+
+def get_args_parser():
+    per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in models.DEFAULTS.items())
+    p = Parser(description="CIFAR-10 float training, QAT to int8, ONNX export and CPU benchmark",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=model_name, choices=list(models.ARCHS))
+    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"),
+                   help="CIFAR-10 as torchvision's cifar-10-batches-py/ or train/<class>/*, test/<class>/* "
+                        "($CIFAR10_DIR if set, else data); downloaded there when absent")
+    p.add_argument("--cache-dir", default=str(utils.DEFAULT_CACHE_DIR), help="where decoded images are cached")
+    p.add_argument("--out-dir", default="save_models", help="outputs go to OUT_DIR/<model>/")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="training device (auto: cuda when available); conversion and benchmarks use the CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for training and benchmarks")
+    p.add_argument("--train-subset", type=int, default=0, help="train on a class-balanced subset (0: all)")
+    p.add_argument("--test-subset", type=int, default=0, help="test on a class-balanced subset (0: all)")
+    g = p.add_argument_group("float training")
+    g.add_argument("--epochs", type=int, default=None, help=f"default: {per_model('epochs')}")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default: {per_model('lr')}")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"default: {per_model('weight_decay')}")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--warmup-pct", type=float, default=0.15, help="share of the one-cycle schedule spent warming up")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--qat-epochs", type=int, default=2)
+    g.add_argument("--qat-lr", type=float, default=None, help="default: the peak --lr / 100, cosine-decayed")
+    g.add_argument("--qat-freeze-observer-after", type=int, default=1,
+                   help="QAT epochs after which the quantization ranges stop updating")
+    g.add_argument("--qat-freeze-bn-after", type=int, default=1,
+                   help="QAT epochs after which batch-norm statistics are frozen")
+    g.add_argument("--ptq-batches", type=int, default=32, help="training batches used to calibrate PTQ")
+    g.add_argument("--no-ptq", action="store_true", help="skip the post-training quantization baseline")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64])
+    g.add_argument("--bench-runs", type=int, default=50, help="timed runs per measurement (after warm-up)")
+    g.add_argument("--bench-warmup", type=int, default=10)
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for key, value in models.DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.qat_lr is None:
+        args.qat_lr = args.lr / 100
+    checks = [("--epochs", args.epochs >= 0), ("--qat-epochs", args.qat_epochs >= 0),
+              ("--batch-size", args.batch_size >= 1), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
+              ("--weight-decay", args.weight_decay >= 0), ("--momentum", 0 <= args.momentum < 1),
+              ("--warmup-pct", 0 < args.warmup_pct < 1), ("--label-smoothing", 0 <= args.label_smoothing < 1),
+              ("--threads", args.threads >= 1), ("--train-subset", args.train_subset >= 0),
+              ("--test-subset", args.test_subset >= 0), ("--ptq-batches", args.ptq_batches >= 1),
+              ("--bench-runs", args.bench_runs >= 1), ("--bench-warmup", args.bench_warmup >= 0),
+              ("--bench-batch-sizes", all(b >= 1 for b in args.bench_batch_sizes)),
+              ("--qat-freeze-observer-after", args.qat_freeze_observer_after >= 0),
+              ("--qat-freeze-bn-after", args.qat_freeze_bn_after >= 0)]
+    for flag, ok in checks:
+        if not ok:
+            parser.error(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available here; use --device cpu or auto")
+    if args.float_checkpoint and not Path(args.float_checkpoint).is_file():
+        parser.error(f"--float-checkpoint '{args.float_checkpoint}' does not exist")
+    return args
+
+
+def prepare_out_dir(args):
+    """OUT_DIR/<model>, checked writable before any long work starts."""
+    out = Path(args.out_dir) / args.model
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write(out / ".write-test", lambda p: Path(p).write_text(""))
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise utils.UserError(f"cannot write to --out-dir '{args.out_dir}': {e.strerror or e}") from None
+    return out
+
+
+def load_data(args):
+    data = utils.load_cifar10(args.data_dir, args.cache_dir)
+    for split, n in (("train", args.train_subset), ("test", args.test_subset)):
+        if n:
+            images, labels = data[split]
+            idx = utils.balanced_subset(labels, n, args.seed)
+            data[split] = images[idx], labels[idx]
+    print(f"data: {args.data_dir} ({utils.find_layout(args.data_dir)} layout), "
+          f"{len(data['train'][1])} train / {len(data['test'][1])} test images")
+    return data
+
+
+def fit(model, data, epochs, optimizer, scheduler, args, device, stage, before_epoch=None):
+    """The epoch loop shared by float training and QAT; returns one history row per epoch."""
+    batches = utils.Batches(*data["train"], args.batch_size, args.seed, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    history = []
+    for epoch in range(1, epochs + 1):
+        if before_epoch:
+            before_epoch(epoch)
+        start = time.perf_counter()
+        loss, train_acc, ips, data_share = utils.train_one_epoch(
+            model, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}")
+        if stage == "qat":  # evaluate without letting test images move the quantization ranges
+            model.apply(tq.disable_observer)
+        test_acc = utils.accuracy(model, data["test"], device)
+        row = dict(stage=stage, epoch=epoch, loss=loss, train_acc=train_acc, test_acc=test_acc,
+                   images_per_s=ips, data_share=data_share, seconds=time.perf_counter() - start)
+        print(f"{stage} epoch {epoch}/{epochs}: loss {loss:.4f}  train {train_acc:.4f}  test {test_acc:.4f}  "
+              f"{ips:.0f} img/s  data {data_share:.1%}  {row['seconds']:.0f}s", flush=True)
+        history.append(row)
+    return history
+
+
+def train_float(args, data, device):
+    """Float training with SGD + nesterov and a one-cycle schedule (linear warm-up, cosine decay)."""
+    torch.manual_seed(args.seed)
+    model = models.create_model(args.model)
+    if args.float_checkpoint:
+        model.load_state_dict(utils.load_state_dict(args.float_checkpoint, model))
+        return model, []
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay)
+    steps = args.epochs * -(-len(data["train"][1]) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps,
+                                                    pct_start=args.warmup_pct) if steps else None
+    history = fit(model, data, args.epochs, optimizer, scheduler, args, device, "fp32")
+    return model.cpu().to(memory_format=torch.contiguous_format), history
+
+
+def train_qat(fp32_model, data, args, device):
+    """Fuse + fbgemm fake-quant, then fine-tune at a small cosine-decayed LR.
+
+    As in torchvision's quantization reference, the ranges (observers) and BN statistics are frozen for the
+    last epochs so the weights settle against fixed quantization grids.
+    """
+    model = models.create_model(args.model)
+    model.load_state_dict(fp32_model.state_dict())
+    models.prepare_quantization(model, qat=True)
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps = args.qat_epochs * -(-len(data["train"][1]) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if steps else None
+
+    def before_epoch(epoch):
+        observe = epoch <= args.qat_freeze_observer_after
+        model.apply(tq.enable_observer if observe else tq.disable_observer)
+        if epoch > args.qat_freeze_bn_after:
+            model.apply(nniqat.freeze_bn_stats)
+
+    history = fit(model, data, args.qat_epochs, optimizer, scheduler, args, device, "qat", before_epoch)
+    model.apply(tq.disable_observer)
+    return model.cpu(), history
+
+
+def calibrate_ptq(fp32_model, data, args):
+    """Post-training quantization baseline: eval-mode fusion, observers fed un-augmented training batches."""
+    model = copy.deepcopy(fp32_model).cpu()
+    models.prepare_quantization(model, qat=False)
+    images = data["train"][0]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        for i in range(0, min(args.ptq_batches * args.batch_size, len(images)), args.batch_size):
+            model(utils.normalize(images[order[i:i + args.batch_size]]))
+    return models.convert_int8(model)
+
+
+def quantize_int8(qat_model, out):
+    """Convert the QAT model to int8 on the CPU; save it as TorchScript (int8.pt) and the QAT state_dict."""
+    int8_model = models.convert_int8(qat_model)
+    int8_ts = models.to_torchscript(int8_model)
+    utils.atomic_write(out / "int8.pt", lambda p: torch.jit.save(int8_ts, p))
+    utils.torch_save(qat_model.state_dict(), out / "qat.pt")
+    return int8_model, int8_ts
+
+
+def export_and_verify_onnx(torch_models, data, out, threads):
+    """Export each model to ONNX (checked, simplified) and run it in ONNX Runtime over the test set.
+
+    torch_models: {name: (eager model, its test-set predictions)}. Returns (report entries, paths).
+    """
+    info, accuracy, agreement, paths = {}, {}, {}, {}
+    for name, (model, torch_preds) in torch_models.items():
+        paths[name] = out / f"{name}.onnx"
+        info[name] = utils.export_onnx(model, paths[name])
+        ort_preds = utils.ort_predict(paths[name], data["test"][0], threads)
+        accuracy[f"{name}_onnx"] = utils.top1(ort_preds, data["test"][1])
+        agreement[f"{name}_onnx_vs_torch"] = utils.top1(ort_preds, torch_preds)
+    return dict(onnx=info, accuracy=accuracy, agreement=agreement), paths
+
+
+def fp32_candidates(fp32_model):
+    """Plain-PyTorch CPU forms of the fp32 model; the benchmark keeps the fastest at each batch size.
+
+    Which wins depends on the model and batch size (measured), so all are timed rather than one assumed.
+    """
+    nchw = copy.deepcopy(fp32_model).eval()
+    nhwc = copy.deepcopy(fp32_model).eval().to(memory_format=torch.channels_last)
+    to_nhwc = lambda f: lambda x: f(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        return {"torchscript_frozen": models.to_torchscript(nchw),
+                "torchscript_optimized": torch.jit.optimize_for_inference(models.to_torchscript(nchw)),
+                "torchscript_optimized_channels_last":
+                    to_nhwc(torch.jit.optimize_for_inference(models.to_torchscript(nhwc))),
+                "eager_channels_last": to_nhwc(nhwc)}
+
+
+def benchmark_latency(fp32_model, int8_ts, onnx_paths, args):
+    """CPU latency (median, p90 in ms) of every deployable form at each batch size, all in this one process.
+
+    fp32_eager is the seed's baseline; fp32 is the fastest of fp32_candidates (the winner is recorded).
+    """
+    sessions = {name: utils.ort_session(path, args.threads) for name, path in onnx_paths.items()}
+    runners = {
+        "fp32_eager": fp32_model.eval(),
+        "int8": int8_ts,
+        "fp32_onnx": lambda x: sessions["fp32"].run(None, {"input": x.numpy()}),
+        "int8_onnx": lambda x: sessions["int8"].run(None, {"input": x.numpy()}),
+    }
+    candidates = fp32_candidates(fp32_model)
+    latency = {name: {} for name in ["fp32_eager", "fp32", "int8", "fp32_onnx", "int8_onnx"]}
+    fp32_form = {}
+    with torch.inference_mode():
+        for bs in map(str, args.bench_batch_sizes):
+            x = torch.randn(int(bs), 3, 32, 32)
+            measure = lambda run: utils.time_it(lambda: run(x), args.bench_warmup, args.bench_runs)
+            for name, run in runners.items():
+                latency[name][bs] = measure(run)
+            forms = {form: measure(run) for form, run in candidates.items()}
+            fp32_form[bs] = min(forms, key=lambda f: forms[f]["median"])
+            latency["fp32"][bs] = forms[fp32_form[bs]]
+            print(f"latency at batch {bs} (median ms): " + ", ".join(
+                f"{name} {latency[name][bs]['median']:.3f}" for name in latency) + f"; fp32 = {fp32_form[bs]}",
+                flush=True)
+    ratio = lambda a, b: {bs: latency[a][bs]["median"] / latency[b][bs]["median"] for bs in latency[a]}
+    speedup = {"int8_vs_fp32": ratio("fp32", "int8"), "int8_vs_fp32_eager": ratio("fp32_eager", "int8"),
+               "int8_onnx_vs_fp32_onnx": ratio("fp32_onnx", "int8_onnx")}
+    return latency, speedup, fp32_form
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = models.ENGINE
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    out = prepare_out_dir(args)
+    seconds, tick = {}, time.perf_counter()
+
+    def lap(stage):
+        nonlocal tick
+        seconds[stage] = time.perf_counter() - tick
+        tick = time.perf_counter()
+
+    data = load_data(args)
+    lap("data")
+    test_images, test_labels = data["test"]
+    report = dict(model=args.model, epochs=0 if args.float_checkpoint else args.epochs, qat_epochs=args.qat_epochs,
+                  device=str(device), args=vars(args), environment=utils.environment(args.threads),
+                  accuracy={}, agreement={}, train_images_per_s={}, data_share={}, model_size_bytes={},
+                  seconds=seconds, history=[], artifacts={})
+
+    def record_training(stage, history):
+        report["history"] += history
+        if history:
+            report["train_images_per_s"][stage] = sum(r["images_per_s"] for r in history) / len(history)
+            report["data_share"][stage] = sum(r["data_share"] for r in history) / len(history)
+
+    # 1. float training
+    fp32_model, history = train_float(args, data, device)
+    utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
+    fp32_preds = utils.predict(fp32_model, test_images)
+    record_training("fp32", history)
+    report["accuracy"]["fp32"] = utils.top1(fp32_preds, test_labels)
+    report["artifacts"]["fp32_state_dict"] = "fp32.pt"
+    lap("fp32_train")
+    utils.save_report(report, out)
+
+    # 2. QAT fine-tuning and 3. int8 conversion
+    qat_model, history = train_qat(fp32_model, data, args, device)
+    record_training("qat", history)
+    report["accuracy"]["qat_fake_quant"] = utils.accuracy(qat_model, data["test"])
+    lap("qat_train")
+    int8_model, int8_ts = quantize_int8(qat_model, out)
+    int8_preds = utils.predict(int8_model, test_images)
+    report["accuracy"]["int8"] = utils.top1(int8_preds, test_labels)
+    report["artifacts"].update(int8_torchscript="int8.pt", qat_state_dict="qat.pt")
+    lap("convert")
+    utils.save_report(report, out)
+
+    # PTQ baseline from the same float weights
+    if not args.no_ptq:
+        report["accuracy"]["ptq_int8"] = utils.accuracy(calibrate_ptq(fp32_model, data, args), data["test"])
+        lap("ptq")
+
+    # 5. ONNX export + ONNX Runtime verification
+    onnx_report, onnx_paths = export_and_verify_onnx(
+        {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads)
+    report["onnx"] = onnx_report["onnx"]
+    report["accuracy"].update(onnx_report["accuracy"])
+    report["agreement"].update(onnx_report["agreement"])
+    report["artifacts"].update(fp32_onnx="fp32.onnx", int8_onnx="int8.onnx")
+    lap("onnx")
+
+    # 4. CPU latency benchmark
+    report["latency_ms"], report["speedup"], report["fp32_fastest_form"] = benchmark_latency(
+        fp32_model, int8_ts, onnx_paths, args)
+    lap("benchmark")
+
+    # 6. report
+    for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), ("fp32_onnx", "fp32.onnx"), ("int8_onnx", "int8.onnx")):
+        report["model_size_bytes"][key] = (out / name).stat().st_size
+    utils.save_report(report, out, plots=True)
+    print(utils.summary(report))
+    print(f"outputs in {out}/: {', '.join(sorted(report['artifacts'].values()))}, report.json, report.md")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except utils.UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

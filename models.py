@@ -1,0 +1,53 @@
+"""The quantizable torchvision models and the eager-mode quantization steps (fusion, qconfig, convert)."""
+import copy
+import warnings
+
+import torch
+from torch.ao import quantization as tq
+from torchvision.models import quantization as qmodels
+
+# torch.ao.quantization's eager mode is deprecated in this release but is the API this project teaches;
+# silence only that message, every other warning stays.
+warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
+
+ENGINE = "fbgemm"
+ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
+# Per-model training defaults (cifar.py --help shows them; the command line overrides them).
+DEFAULTS = {
+    "mobilenet_v2": dict(epochs=10, lr=0.05, weight_decay=5e-4),
+    "resnet18": dict(epochs=8, lr=0.1, weight_decay=5e-4),
+}
+
+
+def create_model(name, num_classes=10):
+    """The quantizable class (QuantStub/DeQuantStub, fuse_model) with random weights.
+
+    The float model is this same class, so its state_dict loads into the QAT model without remapping.
+    """
+    if name not in ARCHS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(ARCHS)}")
+    return ARCHS[name](weights=None, quantize=False, num_classes=num_classes)
+
+
+def prepare_quantization(model, qat):
+    """Fuse conv/bn/relu, attach the fbgemm qconfig and insert observers (PTQ) or fake-quant (QAT), in place.
+
+    QAT keeps BN as a trainable part of the fused ConvBn(ReLU) modules (train mode); PTQ folds BN (eval mode).
+    """
+    torch.backends.quantized.engine = ENGINE
+    model.train(qat)
+    model.fuse_model(is_qat=qat)
+    model.qconfig = tq.get_default_qat_qconfig(ENGINE) if qat else tq.get_default_qconfig(ENGINE)
+    return (tq.prepare_qat if qat else tq.prepare)(model, inplace=True)
+
+
+def convert_int8(model):
+    """A converted int8 copy (CPU, eval); model itself is left as it is."""
+    torch.backends.quantized.engine = ENGINE
+    return tq.convert(copy.deepcopy(model).cpu().eval(), inplace=True)
+
+
+def to_torchscript(model):
+    """Traced and frozen TorchScript: loads with plain torch.jit.load, no project code needed."""
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(model.eval(), torch.randn(1, 3, 32, 32)))

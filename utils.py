@@ -1,0 +1,452 @@
+"""Data, training loop and small helpers shared by cifar.py and the tests."""
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_qat"
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------- files
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def torch_save(obj, path):
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+# ---------------------------------------------------------------- data
+
+def find_layout(data_dir):
+    """'official' (torchvision's cifar-10-batches-py), 'folder' (train/<class>/*) or None."""
+    data_dir = Path(data_dir)
+    if (data_dir / "cifar-10-batches-py").is_dir():
+        return "official"
+    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
+        return "folder"
+    return None
+
+
+def _missing_data_message(data_dir, why):
+    return (f"no CIFAR-10 found in '{data_dir}' and the download failed ({why}); put torchvision's "
+            f"'cifar-10-batches-py/' or an image folder 'train/<class>/*.png|jpg', 'test/<class>/*' there, "
+            f"or point --data-dir / CIFAR10_DIR at a copy")
+
+
+def download_cifar10(data_dir):
+    """torchvision's download of the official files; a clear UserError when offline."""
+    data_dir = Path(data_dir)
+    existed = data_dir.exists()
+    if existed and not data_dir.is_dir():
+        raise UserError(f"--data-dir '{data_dir}' is a file, not a folder")
+    if existed and any(data_dir.iterdir()):
+        raise UserError(f"'{data_dir}' holds neither CIFAR-10 layout: expected torchvision's "
+                        f"'cifar-10-batches-py/' or an image folder with 'train/' and 'test/'")
+    print(f"CIFAR-10 not found in '{data_dir}': downloading the official files ...", flush=True)
+    try:
+        CIFAR10(str(data_dir), train=True, download=True)
+    except Exception as e:  # URLError, timeouts, bad checksum: all end the same way for the user
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise UserError(_missing_data_message(data_dir, f"{type(e).__name__}: {e}")) from None
+
+
+def _decode_folder(split_dir):
+    """Decode an ImageFolder split once into uint8 (N, 32, 32, 3) plus CIFAR-10 labels."""
+    try:
+        ds = ImageFolder(str(split_dir))
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"cannot read image folder '{split_dir}': {e}") from None
+    if ds.classes != CLASSES:
+        missing = sorted(set(CLASSES) - set(ds.classes))
+        extra = sorted(set(ds.classes) - set(CLASSES))
+        raise UserError(f"'{split_dir}' must hold exactly the 10 CIFAR-10 class folders; "
+                        f"missing: {missing or 'none'}, unexpected: {extra or 'none'}")
+    images = np.empty((len(ds.samples), 32, 32, 3), np.uint8)
+    for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decode {split_dir.name}", leave=False,
+                                       mininterval=1)):
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise UserError(f"cannot decode image '{path}': {type(e).__name__}") from None
+        if arr.shape != (32, 32, 3):
+            raise UserError(f"image '{path}' is {arr.shape[1]}x{arr.shape[0]}, CIFAR-10 images are 32x32")
+        images[i] = arr
+    return images, np.asarray(ds.targets, np.int64)
+
+
+def _folder_key(split_dir):
+    """Cache key: the folder's absolute path, file count and total size."""
+    files = [p for p in Path(split_dir).rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    return hashlib.sha1(f"{Path(split_dir).resolve()}|{len(files)}|{size}".encode()).hexdigest()[:16]
+
+
+def load_split(data_dir, train, cache_dir=DEFAULT_CACHE_DIR):
+    """One split as (uint8 tensor (N, 32, 32, 3), int64 labels); image folders are decoded once and cached."""
+    data_dir, split = Path(data_dir), "train" if train else "test"
+    if find_layout(data_dir) == "official":
+        try:
+            ds = CIFAR10(str(data_dir), train=train, download=False)
+        except Exception as e:
+            raise UserError(f"'{data_dir / 'cifar-10-batches-py'}' is incomplete or corrupt ({e})") from None
+        images, labels = ds.data, np.asarray(ds.targets, np.int64)
+    else:
+        split_dir = data_dir / split
+        if not split_dir.is_dir():
+            raise UserError(f"image folder '{data_dir}' has no '{split}/' split")
+        cache = Path(cache_dir) / f"{split}-{_folder_key(split_dir)}.npz"
+        if cache.exists():
+            with np.load(cache) as z:
+                images, labels = z["images"], z["labels"]
+        else:
+            images, labels = _decode_folder(split_dir)
+            try:
+                atomic_write(cache, lambda p: np.savez(open(p, "wb"), images=images, labels=labels))
+            except OSError as e:  # a read-only cache only costs time
+                print(f"warning: cannot write decode cache '{cache}': {e}")
+    if len(labels) == 0:
+        raise UserError(f"the {split} split in '{data_dir}' is empty")
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+
+
+def load_cifar10(data_dir, cache_dir=DEFAULT_CACHE_DIR):
+    """{'train': (images, labels), 'test': (images, labels)}, downloading when no local copy is there."""
+    if find_layout(data_dir) is None:
+        download_cifar10(data_dir)
+    return {"train": load_split(data_dir, True, cache_dir), "test": load_split(data_dir, False, cache_dir)}
+
+
+def balanced_subset(labels, n, seed=0):
+    """Sorted indices of a seeded subset with n // 10 images per class (the remainder to the first classes)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique().tolist()
+    picked = []
+    for k, c in enumerate(classes):
+        want = n // len(classes) + (k < n % len(classes))
+        idx = (labels == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:want]])
+    return torch.cat(picked).sort().values
+
+
+def normalize(images):
+    """uint8 NHWC batch -> normalised float NCHW (channels_last in memory, which is what the convs like)."""
+    x = TF.to_dtype(images.permute(0, 3, 1, 2), torch.float32, scale=True)
+    return TF.normalize(x, MEAN, STD)
+
+
+def augment(images, generator):
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip for a whole uint8 NHWC batch at once."""
+    n = images.shape[0]
+    padded = F.pad(images, (0, 0, 4, 4, 4, 4))  # zero padding of H and W, as RandomCrop does
+    top, left = torch.randint(0, 9, (2, n, 1), generator=generator).to(images.device)
+    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(images.device)
+    steps = torch.arange(32, device=images.device)
+    rows = top + steps
+    cols = torch.where(flip, left + 31 - steps, left + steps)
+    return padded[torch.arange(n, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class Batches:
+    """Shuffled, augmented training batches from uint8 tensors kept on the training device.
+
+    Epoch e draws its order and augmentation from seed + e, so runs (and resumed runs) are repeatable.
+    """
+
+    def __init__(self, images, labels, batch_size, seed, device):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.seed = batch_size, seed
+        self.epoch, self.data_seconds = 0, 0.0
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.labels), generator=g).to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            t = time.perf_counter()
+            idx = order[start:start + self.batch_size]
+            x = normalize(augment(self.images[idx], g))
+            self.data_seconds += time.perf_counter() - t
+            yield x, self.labels[idx]
+        self.epoch += 1
+
+
+# ---------------------------------------------------------------- train / eval
+
+def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, desc):
+    """One pass over batches; returns (mean loss, train accuracy, images/s, data share of the time)."""
+    model.train()
+    batches.data_seconds = 0.0
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, mininterval=1, dynamic_ncols=True)
+    for x, y in bar:
+        out = model(x.to(device, non_blocking=True))
+        loss = criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+    seconds = time.perf_counter() - start
+    return loss_sum / seen, correct / seen, seen / seconds, batches.data_seconds / seconds
+
+
+@torch.no_grad()
+def predict(model, images, device="cpu", batch_size=500):
+    """Predicted classes for uint8 NHWC images, in eval mode."""
+    model.eval()
+    return torch.cat([model(normalize(images[i:i + batch_size]).to(device)).argmax(1).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model, data, device="cpu"):
+    images, labels = data
+    return (predict(model, images, device) == labels).float().mean().item()
+
+
+def top1(preds, labels):
+    return (preds == labels).float().mean().item()
+
+
+def load_state_dict(path, model):
+    """A float/QAT state_dict for model, loaded safely (weights_only) and checked against it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load '{path}' as a state_dict: {type(e).__name__}") from None
+    expected = model.state_dict()
+    if not isinstance(state, dict) or set(state) != set(expected) or any(
+            getattr(state[k], "shape", None) != v.shape for k, v in expected.items()):
+        raise UserError(f"'{path}' is not a state_dict of this model ({type(model).__name__}, 10 classes)")
+    return state
+
+
+# ---------------------------------------------------------------- ONNX
+
+def export_onnx(model, path, opset=17):
+    """Export with the TorchScript exporter, check, simplify with onnxsim; atomic, so a failure keeps an earlier file.
+
+    Returns {'opset', 'simplified', 'note'}; a failed simplification keeps the checked unsimplified graph.
+    """
+    import onnx
+    import onnxsim
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx")
+    os.close(fd)
+    try:
+        torch.onnx.export(model.eval(), torch.randn(1, 3, 32, 32), tmp, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        graph = onnx.load(tmp)
+    finally:
+        os.remove(tmp)
+    onnx.checker.check_model(graph, full_check=True)
+    info = dict(opset=opset, simplified=False, note="")
+    try:
+        simple, ok = onnxsim.simplify(graph)
+        if not ok:
+            raise RuntimeError("onnxsim's check found different outputs")
+        onnx.checker.check_model(simple, full_check=True)
+        graph, info["simplified"] = simple, True
+    except Exception as e:
+        info["note"] = f"onnxsim failed ({type(e).__name__}: {e}); kept the unsimplified graph"
+        print(f"warning: {path.name}: {info['note']}")
+    atomic_write(path, lambda p: onnx.save(graph, p))
+    return info
+
+
+def ort_session(path, threads):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(path, images, threads, batch_size=500):
+    session = ort_session(path, threads)
+    return torch.cat([torch.from_numpy(session.run(None, {"input": normalize(images[i:i + batch_size])
+                                                          .contiguous().numpy()})[0]).argmax(1)
+                      for i in range(0, len(images), batch_size)])
+
+
+# ---------------------------------------------------------------- benchmark
+
+def time_it(fn, warmup, runs):
+    """Median and 90th percentile of runs timed calls, in ms, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return dict(median=float(np.median(times)), p90=float(np.percentile(times, 90)))
+
+
+def environment(threads):
+    import onnx
+    import onnxruntime
+    import torchvision
+    cpu = platform_cpu()
+    return dict(torch=torch.__version__, torchvision=torchvision.__version__, onnx=onnx.__version__,
+                onnxruntime=onnxruntime.__version__, threads=threads, cores=os.cpu_count(),
+                quantized_engine=torch.backends.quantized.engine, cpu=cpu, python=platform.python_version())
+
+
+def platform_cpu():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------- report
+
+def report_markdown(r):
+    """report.json as readable tables."""
+    acc, lat = r["accuracy"], r.get("latency_ms", {})
+    lines = [f"# {r['model']} on CIFAR-10: float, QAT int8, ONNX", "",
+             f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs on {r['device']}; "
+             f"torch {r['environment']['torch']}, {r['environment']['threads']} threads, "
+             f"{r['environment']['cpu']}", "",
+             "| model | top-1 | file (bytes) |", "|---|---|---|"]
+    names = [("fp32", "fp32", "fp32"), ("PTQ int8", "ptq_int8", None), ("QAT fake-quant", "qat_fake_quant", None),
+             ("QAT int8", "int8", "int8"), ("fp32 ONNX", "fp32_onnx", "fp32_onnx"),
+             ("int8 ONNX", "int8_onnx", "int8_onnx")]
+    for label, key, size in names:
+        if key in acc:
+            lines.append(f"| {label} | {acc[key]:.4f} | {r['model_size_bytes'].get(size, '')} |")
+    if r.get("agreement"):
+        lines += ["", "| agreement (same predicted class) | share of test images |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in r["agreement"].items()]
+    if lat:
+        sizes = list(next(iter(lat.values())))
+        lines += ["", "CPU latency in ms, median (p90); "
+                  f"{r['environment']['threads']} threads, {r['environment']['quantized_engine']} engine", "",
+                  "| model | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{v[b]['median']:.3f} ({v[b]['p90']:.3f})" for b in sizes) + " |"
+                  for k, v in lat.items()]
+        lines += ["", "fp32 is the fastest plain-PyTorch form at each batch size: "
+                  + ", ".join(f"batch {b}: {f}" for b, f in r.get("fp32_fastest_form", {}).items())]
+        lines += ["", "| speed-up | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{v[b]:.2f}x" for b in sizes) + " |" for k, v in r["speedup"].items()]
+    if r.get("history"):
+        lines += ["", "| stage | epoch | loss | train acc | test acc | img/s | data share | s |", "|---" * 8 + "|"]
+        lines += [f"| {h['stage']} | {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.4f} | {h['test_acc']:.4f} "
+                  f"| {h['images_per_s']:.0f} | {h['data_share']:.1%} | {h['seconds']:.0f} |" for h in r["history"]]
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(history, path):
+    """Loss and test accuracy per epoch, float then QAT."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for stage in ("fp32", "qat"):
+        rows = [(i + 1, h) for i, h in enumerate(history) if h["stage"] == stage]
+        if rows:
+            x = [i for i, _ in rows]
+            ax1.plot(x, [h["loss"] for _, h in rows], "o-", label=f"{stage} train loss")
+            ax2.plot(x, [h["test_acc"] for _, h in rows], "o-", label=f"{stage} test top-1")
+            ax2.plot(x, [h["train_acc"] for _, h in rows], "--", label=f"{stage} train top-1")
+    for ax, title in ((ax1, "loss"), (ax2, "accuracy")):
+        ax.set_xlabel("epoch (float, then QAT)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_latency(latency, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sizes = list(next(iter(latency.values())))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, b in zip(axes[0], sizes):
+        names = list(latency)
+        values = [latency[n][b]["median"] for n in names]
+        ax.barh(names, values)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}", va="center")
+        ax.set_xlabel("ms (median)")
+        ax.set_title(f"CPU latency, batch {b}")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def save_report(report, out, plots=False):
+    """report.json, report.md and (at the end) the PNG plots, each written atomically."""
+    out = Path(out)
+    if plots and report["history"]:
+        plot_curves(report["history"], out / "training_curves.png")
+        report["artifacts"]["training_curves"] = "training_curves.png"
+    if plots and report.get("latency_ms"):
+        plot_latency(report["latency_ms"], out / "latency.png")
+        report["artifacts"]["latency_plot"] = "latency.png"
+    save_json(report, out / "report.json")
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(report_markdown(report)))
+
+
+def summary(r):
+    """The short console table: accuracy and file size of fp32, PTQ int8 and QAT int8, then speed-ups."""
+    acc, size = r["accuracy"], r["model_size_bytes"]
+    rows = [("fp32", acc.get("fp32"), size.get("fp32")), ("PTQ int8", acc.get("ptq_int8"), None),
+            ("QAT int8", acc.get("int8"), size.get("int8")), ("int8 ONNX", acc.get("int8_onnx"), size.get("int8_onnx"))]
+    lines = [f"{'':10s} {'top-1':>7s} {'file MB':>8s}"]
+    lines += [f"{n:10s} {a:7.4f} {(f'{s / 1e6:.2f}' if s else '-'):>8s}" for n, a, s in rows if a is not None]
+    for k, v in r.get("speedup", {}).items():
+        lines.append(f"speed-up {k}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items()))
+    return "\n".join(lines)
