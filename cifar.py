@@ -28,13 +28,19 @@ model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
-        sys.exit(f"{self.prog}: error: {message}")
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # per-model defaults (None here) are spelled out in the help text
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def get_args_parser():
     per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in models.DEFAULTS.items())
     p = Parser(description="CIFAR-10 float training, QAT to int8, ONNX export and CPU benchmark",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("--model", default=model_name, choices=list(models.ARCHS))
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"),
                    help="CIFAR-10 as torchvision's cifar-10-batches-py/ or train/<class>/*, test/<class>/* "
@@ -100,15 +106,14 @@ def parse_args(argv=None):
     return args
 
 
-def prepare_out_dir(args):
-    """OUT_DIR/<model>, checked writable before any long work starts."""
+def check_out_dir(args):
+    """OUT_DIR/<model>, checked before any long work; created only when the first artifact is written."""
     out = Path(args.out_dir) / args.model
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        utils.atomic_write(out / ".write-test", lambda p: Path(p).write_text(""))
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise utils.UserError(f"cannot write to --out-dir '{args.out_dir}': {e.strerror or e}") from None
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise utils.UserError(f"--out-dir: '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise utils.UserError(f"--out-dir: '{existing}' is not writable; choose another --out-dir")
     return out
 
 
@@ -280,7 +285,7 @@ def main(argv=None):
     torch.backends.quantized.engine = models.ENGINE
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    out = prepare_out_dir(args)
+    out = check_out_dir(args)
     seconds, tick = {}, time.perf_counter()
 
     def lap(stage):
@@ -356,6 +361,8 @@ if __name__ == "__main__":
     try:
         main()
     except utils.UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

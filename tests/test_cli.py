@@ -1,0 +1,80 @@
+"""Command line: bad input gives one line on stderr, exit code 2, no traceback, nothing written."""
+import pytest
+import torch
+
+import cifar
+from conftest import run_cli, write_folder
+
+
+def assert_one_line_error(proc, *fragments):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--qat-epochs", "-2"], "--qat-epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--model", "vgg16"], "invalid choice"),
+    (["--epochs", "ten"], "invalid int"),
+    (["--bench-batch-sizes", "0"], "--bench-batch-sizes"),
+])
+def test_bad_values(args, fragment, tmp_path):
+    proc = run_cli(*args, "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path):
+    assert_one_line_error(run_cli("--device", "cuda", "--out-dir", tmp_path / "out"), "CUDA is not available")
+
+
+def test_missing_data_offline_is_one_clear_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("--data-dir", empty, "--out-dir", tmp_path / "out", timeout=120)
+    assert_one_line_error(proc, str(empty), "cifar-10-batches-py", "train/<class>", "--data-dir", "CIFAR10_DIR")
+    assert not (tmp_path / "out").exists() and list(empty.iterdir()) == []
+
+
+def test_missing_data_dir_is_not_left_behind(tmp_path):
+    proc = run_cli("--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "out", timeout=120)
+    assert_one_line_error(proc, "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_data_dir_of_another_layout(tmp_path):
+    (tmp_path / "other" / "images").mkdir(parents=True)
+    assert_one_line_error(run_cli("--data-dir", tmp_path / "other", "--out-dir", tmp_path / "out"),
+                          "neither CIFAR-10 layout")
+
+
+def test_missing_class_folder_through_the_cli(tmp_path):
+    root = write_folder(tmp_path / "cifar", per_class=1)
+    for split in ("train", "test"):
+        for p in (root / split / "ship").iterdir():
+            p.unlink()
+        (root / split / "ship").rmdir()
+    proc = run_cli("--data-dir", root, "--out-dir", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert_one_line_error(proc, "missing: ['ship']")
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    assert_one_line_error(run_cli("--out-dir", tmp_path / "file"), "is a file")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_help_shows_defaults():
+    text = " ".join(cifar.get_args_parser().format_help().split())
+    assert "(default: 128)" in text and "10 for mobilenet_v2" in text and "(default: save_models)" in text
+
+
+def test_per_model_defaults_fill_in():
+    args = cifar.parse_args(["--model", "resnet18"])
+    assert args.epochs == cifar.models.DEFAULTS["resnet18"]["epochs"] and args.qat_lr == args.lr / 100

@@ -1,0 +1,112 @@
+"""Data: both layouts, labels, cache, errors, subsets, batched augmentation."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import class_image, write_folder
+
+
+def labels_from_pixels(images):
+    return (images[..., 0].float().mean((1, 2)) / 25).round().long()
+
+
+def test_find_layout(tiny_folder, official, tmp_path):
+    assert utils.find_layout(tiny_folder) == "folder"
+    assert utils.find_layout(official) == "official"
+    assert utils.find_layout(tmp_path / "nothing") is None
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_image_folder_labels_follow_cifar10_order(tmp_path, fmt):
+    root = write_folder(tmp_path / "cifar", per_class=2, fmt=fmt)
+    images, labels = utils.load_split(root, train=True, cache_dir=tmp_path / "cache")
+    assert images.dtype == torch.uint8 and images.shape == (20, 32, 32, 3)
+    assert labels.dtype == torch.int64 and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert torch.equal(labels_from_pixels(images), labels)  # JPEG keeps the flat red channel close enough
+
+
+def test_official_layout_labels(official, tmp_path):
+    images, labels = utils.load_split(official, train=False, cache_dir=tmp_path / "cache")
+    assert images.shape == (30, 32, 32, 3) and images.dtype == torch.uint8
+    assert torch.equal(labels_from_pixels(images), labels)
+    assert torch.equal(images[4], torch.from_numpy(class_image(1, 4)))
+    train = utils.load_cifar10(official, tmp_path / "cache")["train"]
+    assert len(train[1]) == 150
+
+
+def test_decode_cache_is_used(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    first = utils.load_split(tiny_folder, train=True, cache_dir=cache)
+    files = list(cache.glob("train-*.npz"))
+    assert len(files) == 1
+    # Prove the second load reads the cache: break the source image files, the cache still answers.
+    for p in (tiny_folder / "train").rglob("*.png"):
+        p.write_bytes(p.read_bytes())  # same size and count: same key
+    second = utils.load_split(tiny_folder, train=True, cache_dir=cache)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # A changed folder (one file more) gets a new key, not the stale cache.
+    Image.fromarray(class_image(0, 99)).save(tiny_folder / "train" / "airplane" / "extra.png")
+    third = utils.load_split(tiny_folder, train=True, cache_dir=cache)
+    assert len(third[1]) == len(first[1]) + 1
+
+
+def test_missing_and_extra_class(tmp_path):
+    root = write_folder(tmp_path / "a", per_class=1, classes=utils.CLASSES[:9])
+    with pytest.raises(utils.UserError, match=r"missing: \['truck'\]"):
+        utils.load_split(root, train=True, cache_dir=tmp_path / "cache")
+    root = write_folder(tmp_path / "b", per_class=1, classes=utils.CLASSES + ["zebra"])
+    with pytest.raises(utils.UserError, match=r"unexpected: \['zebra'\]"):
+        utils.load_split(root, train=True, cache_dir=tmp_path / "cache")
+
+
+def test_corrupt_image_is_named(tiny_folder, tmp_path):
+    bad = tiny_folder / "train" / "cat" / "0001.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(utils.UserError, match="0001.png"):
+        utils.load_split(tiny_folder, train=True, cache_dir=tmp_path / "cache")
+
+
+def test_balanced_subset_is_balanced_and_seeded():
+    labels = torch.arange(10).repeat_interleave(50)
+    idx = utils.balanced_subset(labels, 95, seed=3)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert len(idx) == 95 and counts.max() - counts.min() <= 1 and len(idx.unique()) == 95
+    assert torch.equal(idx, utils.balanced_subset(labels, 95, seed=3))
+    assert not torch.equal(idx, utils.balanced_subset(labels, 95, seed=4))
+
+
+def test_augment_is_a_padded_crop_or_its_mirror():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    out = utils.augment(images, g)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (4, 4, 4, 4)).permute(0, 2, 3, 1)
+    flips = 0
+    for n in range(64):
+        windows = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
+                   if torch.equal(out[n], (lambda w: w.flip(1) if f else w)(padded[n, t:t + 32, l:l + 32]))]
+        assert windows, f"sample {n} is not a crop of its padded image"
+        flips += windows[0][2]
+    assert 10 < flips < 54  # about half are mirrored
+
+
+def test_normalize_gives_normalised_nchw_floats():
+    images = torch.full((4, 32, 32, 3), 255, dtype=torch.uint8)
+    x = utils.normalize(images)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    for c in range(3):
+        assert torch.allclose(x[:, c], torch.tensor((1 - utils.MEAN[c]) / utils.STD[c]))
+
+
+def test_batches_cover_the_epoch_and_repeat_with_the_seed():
+    images = torch.randint(0, 256, (50, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(50)
+    run = lambda seed: [(x.clone(), y.clone()) for x, y in utils.Batches(images, labels, 16, seed, "cpu")]
+    a, b, c = run(0), run(0), run(1)
+    assert [len(y) for _, y in a] == [16, 16, 16, 2]
+    assert sorted(torch.cat([y for _, y in a]).tolist()) == list(range(50))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in c]))
+    assert a[0][0].dtype == torch.float32 and a[0][0].shape == (16, 3, 32, 32)

@@ -1,0 +1,110 @@
+"""Models and the eager-mode quantization steps: fusion, fake-quant config, conversion, warnings."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+from torch import nn
+
+import models
+import utils
+
+ARCHS = list(models.ARCHS)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_create_model_gives_10_logits_and_state_dict_loads_into_the_qat_model(name):
+    torch.manual_seed(0)
+    model = models.create_model(name).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    qat = models.create_model(name)
+    qat.load_state_dict(model.state_dict(), strict=True)  # no remapping between float and quantizable
+    models.prepare_quantization(qat, qat=True)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    first_fused = next(m for m in qat.modules() if isinstance(m, nniqat.ConvBnReLU2d))
+    assert torch.equal(first_fused.weight, first_conv.weight)  # the float weights went in unchanged
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="mobilenet_v2, resnet18"):
+        models.create_model("vgg")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_fusion_preserves_float_outputs(name):
+    torch.manual_seed(0)
+    model = models.create_model(name)
+    model.train()  # give BN non-trivial running statistics first
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+    model.eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_model(is_qat=False)
+    assert any(isinstance(m, nni.ConvReLU2d) for m in fused.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = utils.normalize(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_preserves_float_outputs_on_real_images(real_images):
+    torch.manual_seed(0)
+    model = models.create_model("resnet18").eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_model(is_qat=False)
+    x = utils.normalize(real_images[0][:32])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_prepare_qat_puts_fake_quant_on_every_conv_and_linear(name):
+    model = models.prepare_quantization(models.create_model(name), qat=True)
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted) > 10
+    for m in weighted:
+        wfq = m.weight_fake_quant
+        assert wfq.dtype == torch.qint8 and wfq.qscheme == torch.per_channel_symmetric
+        assert m.activation_post_process.dtype == torch.quint8
+    assert model.quant.activation_post_process.dtype == torch.quint8
+    convs = [m for m in weighted if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(m, (nniqat.ConvBn2d, nniqat.ConvBnReLU2d)) for m in convs)  # every BN fused
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_convert_gives_int8_conv_and_linear(name):
+    model = models.prepare_quantization(models.create_model(name), qat=True)
+    model(torch.randn(8, 3, 32, 32))
+    int8 = models.convert_int8(model)
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in int8.modules())
+    convs = [m for m in int8.modules() if isinstance(m, (nnq.Conv2d, nniq.ConvReLU2d))]
+    linears = [m for m in int8.modules() if isinstance(m, nnq.Linear)]
+    assert len(convs) > 10 and len(linears) == 1
+    for m in convs + linears:
+        assert m.weight().dtype == torch.qint8
+    assert int8(torch.randn(2, 3, 32, 32)).dtype == torch.float32  # DeQuantStub at the end
+    assert any(isinstance(m, nniqat.ConvBnReLU2d) for m in model.modules())  # the QAT model is untouched
+
+
+def test_ptq_uses_eval_fusion_with_the_same_qconfig_family():
+    model = models.prepare_quantization(models.create_model("mobilenet_v2").eval(), qat=False)
+    assert not model.training
+    assert any(isinstance(m, nni.ConvReLU2d) for m in model.modules())
+    assert model.features[0][0].qconfig.weight().qscheme == torch.per_channel_symmetric
+
+
+def test_only_the_ao_quantization_deprecation_is_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        import importlib
+        importlib.reload(models)  # re-applies the project's filter on top of "default"
+        models.prepare_quantization(models.create_model("resnet18"), qat=True)
+        warnings.warn("another deprecation", DeprecationWarning)
+    messages = [str(w.message) for w in caught]
+    assert not any("torch.ao.quantization is deprecated" in m for m in messages)
+    assert "another deprecation" in messages
