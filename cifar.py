@@ -41,7 +41,7 @@ def get_args_parser():
     per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in models.DEFAULTS.items())
     p = Parser(description="CIFAR-10 float training, QAT to int8, ONNX export and CPU benchmark",
                formatter_class=HelpFormatter)
-    p.add_argument("--model", default=model_name, choices=list(models.ARCHS))
+    p.add_argument("--model", default=model_name, choices=list(models.ARCHS), help="network to train")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"),
                    help="CIFAR-10 as torchvision's cifar-10-batches-py/ or train/<class>/*, test/<class>/* "
                         "($CIFAR10_DIR if set, else data); downloaded there when absent")
@@ -49,21 +49,21 @@ def get_args_parser():
     p.add_argument("--out-dir", default="save_models", help="outputs go to OUT_DIR/<model>/")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="training device (auto: cuda when available); conversion and benchmarks use the CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for training and benchmarks")
     p.add_argument("--train-subset", type=int, default=0, help="train on a class-balanced subset (0: all)")
     p.add_argument("--test-subset", type=int, default=0, help="test on a class-balanced subset (0: all)")
     g = p.add_argument_group("float training")
     g.add_argument("--epochs", type=int, default=None, help=f"default: {per_model('epochs')}")
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=128, help="training batch size (float and QAT)")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default: {per_model('lr')}")
     g.add_argument("--weight-decay", type=float, default=None, help=f"default: {per_model('weight_decay')}")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov)")
     g.add_argument("--warmup-pct", type=float, default=0.15, help="share of the one-cycle schedule spent warming up")
-    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
     g = p.add_argument_group("quantization")
-    g.add_argument("--qat-epochs", type=int, default=2)
+    g.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     g.add_argument("--qat-lr", type=float, default=None, help="default: the peak --lr / 100, cosine-decayed")
     g.add_argument("--qat-freeze-observer-after", type=int, default=1,
                    help="QAT epochs after which the quantization ranges stop updating")
@@ -72,7 +72,7 @@ def get_args_parser():
     g.add_argument("--ptq-batches", type=int, default=32, help="training batches used to calibrate PTQ")
     g.add_argument("--no-ptq", action="store_true", help="skip the post-training quantization baseline")
     g = p.add_argument_group("benchmark")
-    g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64])
+    g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batch sizes")
     g.add_argument("--bench-runs", type=int, default=50, help="timed runs per measurement (after warm-up)")
     g.add_argument("--bench-warmup", type=int, default=10)
     return p
