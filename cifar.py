@@ -62,6 +62,8 @@ def get_args_parser():
     g.add_argument("--warmup-pct", type=float, default=0.15, help="share of the one-cycle schedule spent warming up")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
     g = p.add_argument_group("quantization")
     g.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     g.add_argument("--qat-lr", type=float, default=None, help="default: the peak --lr / 100, cosine-decayed")
@@ -129,12 +131,65 @@ def load_data(args):
     return data
 
 
-def fit(model, data, epochs, optimizer, scheduler, args, device, stage, before_epoch=None):
-    """The epoch loop shared by float training and QAT; returns one history row per epoch."""
-    batches = utils.Batches(*data["train"], args.batch_size, args.seed, device)
+# The settings each training stage depends on: a checkpoint is reused only when they match.
+STAGE_SETTINGS = {
+    "fp32": ("model", "seed", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_pct",
+             "label_smoothing", "train_subset", "float_checkpoint"),
+    "qat": ("qat_epochs", "qat_lr", "qat_freeze_observer_after", "qat_freeze_bn_after"),
+}
+
+
+def stage_settings(args):
+    return {stage: {key: getattr(args, key) for key in keys} for stage, keys in STAGE_SETTINGS.items()}
+
+
+def load_checkpoint(args, out):
+    """The checkpoint to continue from with --resume (None: start afresh), checked against this run's settings."""
+    path = out / "checkpoint.pt"
+    if not args.resume:
+        if path.exists():
+            print(f"note: {path} from an earlier run will be replaced (--resume continues it instead)")
+        return None
+    if not path.exists():
+        print(f"note: --resume, but there is no {path} yet: starting from the beginning")
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        settings, stage, epoch = ckpt["settings"], ckpt["stage"], ckpt["epoch"]
+        assert stage in STAGE_SETTINGS and isinstance(epoch, int) and "model" in ckpt
+    except Exception as e:
+        raise utils.UserError(f"'{path}' is not a readable checkpoint of this project ({type(e).__name__}); "
+                              f"delete it or run without --resume") from None
+    differ = [f"--{k.replace('_', '-')} {v} (this run: {getattr(args, k)})"
+              for k, v in settings["fp32"].items() if getattr(args, k, None) != v]
+    if differ:
+        raise utils.UserError(f"'{path}' was made with other float settings: {'; '.join(differ)}; "
+                              f"repeat them, or run without --resume to start over")
+    if stage == "qat" and settings["qat"] != stage_settings(args)["qat"]:
+        print("note: QAT settings changed since the checkpoint: float training is reused, QAT starts over")
+        return dict(ckpt, restart_qat=True)
+    print(f"resuming from {path} ({stage} stage, {epoch} epochs done)")
+    return ckpt
+
+
+def fit(model, optimizer, scheduler, data, args, device, stage, epochs, out, resume=None, earlier=(),
+        before_epoch=None):
+    """The epoch loop shared by float training and QAT, checkpointing after every epoch.
+
+    resume: a checkpoint of this stage to continue from; earlier: history rows of earlier stages (kept in the
+    checkpoint for the report). Returns this stage's history rows.
+    """
+    history, done = [], 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler:
+            scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])  # dropout draws from it
+        history, done = [h for h in resume["history"] if h["stage"] == stage], resume["epoch"]
+    batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, epoch=done)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    history = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         if before_epoch:
             before_epoch(epoch)
         start = time.perf_counter()
@@ -148,27 +203,36 @@ def fit(model, data, epochs, optimizer, scheduler, args, device, stage, before_e
         print(f"{stage} epoch {epoch}/{epochs}: loss {loss:.4f}  train {train_acc:.4f}  test {test_acc:.4f}  "
               f"{ips:.0f} img/s  data {data_share:.1%}  {row['seconds']:.0f}s", flush=True)
         history.append(row)
+        utils.torch_save(dict(stage=stage, epoch=epoch, settings=stage_settings(args), model=model.state_dict(),
+                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                              rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
     return history
 
 
-def train_float(args, data, device):
-    """Float training with SGD + nesterov and a one-cycle schedule (linear warm-up, cosine decay)."""
+def train_float(args, data, device, out, ckpt=None):
+    """Float training with SGD + nesterov and a one-cycle schedule (linear warm-up, cosine decay).
+
+    ckpt: a checkpoint to continue from; one of the QAT stage means float training is done (fp32.pt).
+    """
     torch.manual_seed(args.seed)
     model = models.create_model(args.model)
     if args.float_checkpoint:
         model.load_state_dict(utils.load_state_dict(args.float_checkpoint, model))
         return model, []
+    if ckpt and ckpt["stage"] == "qat":
+        model.load_state_dict(utils.load_state_dict(out / "fp32.pt", model))
+        return model, [h for h in ckpt["history"] if h["stage"] == "fp32"]
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)
     steps = args.epochs * -(-len(data["train"][1]) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps,
-                                                    pct_start=args.warmup_pct) if steps else None
-    history = fit(model, data, args.epochs, optimizer, scheduler, args, device, "fp32")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=max(steps, 1),
+                                                    pct_start=args.warmup_pct)
+    history = fit(model, optimizer, scheduler, data, args, device, "fp32", args.epochs, out, ckpt)
     return model.cpu().to(memory_format=torch.contiguous_format), history
 
 
-def train_qat(fp32_model, data, args, device):
+def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None):
     """Fuse + fbgemm fake-quant, then fine-tune at a small cosine-decayed LR.
 
     As in torchvision's quantization reference, the ranges (observers) and BN statistics are frozen for the
@@ -181,7 +245,7 @@ def train_qat(fp32_model, data, args, device):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     steps = args.qat_epochs * -(-len(data["train"][1]) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if steps else None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
 
     def before_epoch(epoch):
         observe = epoch <= args.qat_freeze_observer_after
@@ -189,7 +253,11 @@ def train_qat(fp32_model, data, args, device):
         if epoch > args.qat_freeze_bn_after:
             model.apply(nniqat.freeze_bn_stats)
 
-    history = fit(model, data, args.qat_epochs, optimizer, scheduler, args, device, "qat", before_epoch)
+    resume = ckpt if ckpt and ckpt["stage"] == "qat" and not ckpt.get("restart_qat") else None
+    if resume and resume["epoch"] > args.qat_freeze_bn_after:
+        model.apply(nniqat.freeze_bn_stats)
+    history = fit(model, optimizer, scheduler, data, args, device, "qat", args.qat_epochs, out, resume,
+                  fp32_history, before_epoch)
     model.apply(tq.disable_observer)
     return model.cpu(), history
 
@@ -286,6 +354,7 @@ def main(argv=None):
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     out = check_out_dir(args)
+    ckpt = load_checkpoint(args, out)
     seconds, tick = {}, time.perf_counter()
 
     def lap(stage):
@@ -308,17 +377,17 @@ def main(argv=None):
             report["data_share"][stage] = sum(r["data_share"] for r in history) / len(history)
 
     # 1. float training
-    fp32_model, history = train_float(args, data, device)
+    fp32_model, fp32_history = train_float(args, data, device, out, ckpt)
     utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
     fp32_preds = utils.predict(fp32_model, test_images)
-    record_training("fp32", history)
+    record_training("fp32", fp32_history)
     report["accuracy"]["fp32"] = utils.top1(fp32_preds, test_labels)
     report["artifacts"]["fp32_state_dict"] = "fp32.pt"
     lap("fp32_train")
     utils.save_report(report, out)
 
     # 2. QAT fine-tuning and 3. int8 conversion
-    qat_model, history = train_qat(fp32_model, data, args, device)
+    qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt)
     record_training("qat", history)
     report["accuracy"]["qat_fake_quant"] = utils.accuracy(qat_model, data["test"])
     lap("qat_train")
@@ -364,5 +433,7 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finished epochs are kept in OUT_DIR/<model>/checkpoint.pt; continue with: "
+              f"python cifar.py {' '.join(a for a in sys.argv[1:] if a != '--resume')} --resume".replace("  ", " "),
+              file=sys.stderr)
         sys.exit(130)

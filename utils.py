@@ -87,15 +87,16 @@ def download_cifar10(data_dir):
 
 def _decode_folder(split_dir):
     """Decode an ImageFolder split once into uint8 (N, 32, 32, 3) plus CIFAR-10 labels."""
-    try:
-        ds = ImageFolder(str(split_dir))
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f"cannot read image folder '{split_dir}': {e}") from None
-    if ds.classes != CLASSES:
-        missing = sorted(set(CLASSES) - set(ds.classes))
-        extra = sorted(set(ds.classes) - set(CLASSES))
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if classes != CLASSES:
+        missing = sorted(set(CLASSES) - set(classes))
+        extra = sorted(set(classes) - set(CLASSES))
         raise UserError(f"'{split_dir}' must hold exactly the 10 CIFAR-10 class folders; "
                         f"missing: {missing or 'none'}, unexpected: {extra or 'none'}")
+    try:
+        ds = ImageFolder(str(split_dir))
+    except FileNotFoundError:  # raised when a class folder holds no image file
+        raise UserError(f"'{split_dir}' has no images in at least one class folder") from None
     images = np.empty((len(ds.samples), 32, 32, 3), np.uint8)
     for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decode {split_dir.name}", leave=False,
                                        mininterval=1)):
@@ -188,10 +189,10 @@ class Batches:
     Epoch e draws its order and augmentation from seed + e, so runs (and resumed runs) are repeatable.
     """
 
-    def __init__(self, images, labels, batch_size, seed, device):
+    def __init__(self, images, labels, batch_size, seed, device, epoch=0):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed = batch_size, seed
-        self.epoch, self.data_seconds = 0, 0.0
+        self.epoch, self.data_seconds = epoch, 0.0
 
     def __len__(self):
         return -(-len(self.labels) // self.batch_size)

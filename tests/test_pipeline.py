@@ -1,0 +1,168 @@
+"""End to end on a small real CIFAR-10 subset: artifacts, report, int8 TorchScript, ONNX and ONNX Runtime."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import cifar
+import models
+import utils
+
+MODELS = ["mobilenet_v2", "resnet18"]
+LATENCY_KEYS = {"fp32_eager", "fp32", "int8", "fp32_onnx", "int8_onnx"}
+
+
+def report_of(smoke, model):
+    return json.loads((smoke[model][0] / "report.json").read_text())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_report_has_every_key(smoke, model):
+    r = report_of(smoke, model)
+    assert r["model"] == model and r["epochs"] == 2 and r["qat_epochs"] == 1
+    for key in ("fp32", "qat_fake_quant", "int8", "ptq_int8", "fp32_onnx", "int8_onnx"):
+        assert 0 <= r["accuracy"][key] <= 1, key
+    assert set(r["agreement"]) == {"fp32_onnx_vs_torch", "int8_onnx_vs_torch"}
+    assert r["train_images_per_s"]["fp32"] > 0 and r["train_images_per_s"]["qat"] > 0
+    assert set(r["latency_ms"]) == LATENCY_KEYS
+    for name, by_batch in r["latency_ms"].items():
+        assert set(by_batch) == {"1", "64"}
+        assert all(0 < v["median"] <= v["p90"] for v in by_batch.values()), name
+    assert r["speedup"]["int8_vs_fp32"]["1"] == pytest.approx(
+        r["latency_ms"]["fp32"]["1"]["median"] / r["latency_ms"]["int8"]["1"]["median"])
+    env = r["environment"]
+    assert env["quantized_engine"] == "fbgemm" and env["threads"] >= 1 and env["torch"].startswith("2.14.1")
+    assert {"onnx", "onnxruntime", "torchvision", "cpu"} <= set(env)
+    for artifact in r["artifacts"].values():
+        assert (smoke[model][0] / artifact).is_file(), artifact
+    assert {"fp32_state_dict", "int8_torchscript", "qat_state_dict", "fp32_onnx", "int8_onnx",
+            "training_curves", "latency_plot"} <= set(r["artifacts"])
+    md = (smoke[model][0] / "report.md").read_text()
+    assert f"{r['accuracy']['int8']:.4f}" in md and "batch 64" in md
+    assert [h["stage"] for h in r["history"]] == ["fp32", "fp32", "qat"]
+    assert 0 <= r["data_share"]["fp32"] < 1
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fp32_state_dict_loads_into_a_fresh_model(smoke, model):
+    fresh = models.create_model(model)
+    fresh.load_state_dict(torch.load(smoke[model][0] / "fp32.pt", weights_only=True), strict=True)
+    assert not any(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                     models.create_model(model).state_dict().values())
+                   if a.dtype.is_floating_point and a.numel() > 100)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_int8_torchscript_runs_without_project_code(smoke, model, real_images):
+    out = smoke[model][0]
+    x = utils.normalize(real_images[0][:16])
+    torch.save(x, out / "x.pt")
+    code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]);"
+            "y = m(x); torch.save(y, sys.argv[3]); print(sorted(k for k in sys.modules if k in "
+            "('models', 'utils', 'cifar')))")
+    proc = subprocess.run([sys.executable, "-c", code, out / "int8.pt", out / "x.pt", out / "y.pt"],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    y = torch.load(out / "y.pt")
+    assert y.shape == (16, 10) and y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.jit.load(out / "int8.pt")(x))
+    assert (out / "int8.pt").stat().st_size <= 0.35 * (out / "fp32.pt").stat().st_size
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_int8_agrees_with_the_fake_quant_model(smoke, model, real_images):
+    out = smoke[model][0]
+    qat = models.prepare_quantization(models.create_model(model), qat=True)
+    qat.load_state_dict(torch.load(out / "qat.pt", weights_only=True))
+    qat.apply(torch.ao.quantization.disable_observer)
+    int8 = torch.jit.load(out / "int8.pt")
+    x = utils.normalize(real_images[0])
+    with torch.no_grad():
+        fake, real = qat.eval()(x), int8(x)
+    assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.95
+    # Same grids, so the logits match closely too (a few quantization steps at most).
+    assert (fake - real).abs().mean() < 0.1 * fake.std()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_onnx_files_check_and_run_with_dynamic_batch(smoke, model, real_images):
+    import onnxruntime as ort
+    out = smoke[model][0]
+    for name in ("fp32", "int8"):
+        onnx.checker.check_model(onnx.load(out / f"{name}.onnx"), full_check=True)
+        session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        for batch in (1, 7):
+            x = utils.normalize(real_images[0][:batch]).contiguous().numpy()
+            assert session.run(None, {"input": x})[0].shape == (batch, 10)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_int8_onnx_is_really_quantized(smoke, model):
+    out = smoke[model][0]
+    graph = onnx.load(out / "int8.onnx").graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops or any(op.startswith("QLinear") for op in ops)
+    int8_types = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute]
+    int8_weights = [t for t in tensors if t.data_type in int8_types and np.prod(t.dims) >= 64]
+    assert len(int8_weights) > 10
+    assert (out / "int8.onnx").stat().st_size <= 0.35 * (out / "fp32.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_onnx_runtime_agrees_with_pytorch(smoke, model, real_images):
+    out = smoke[model][0]
+    images = real_images[0]
+    int8_torch = utils.predict(torch.jit.load(out / "int8.pt"), images)
+    assert (utils.ort_predict(out / "int8.onnx", images, 2) == int8_torch).float().mean() >= 0.99
+    fp32 = models.create_model(model)
+    fp32.load_state_dict(torch.load(out / "fp32.pt", weights_only=True))
+    x = utils.normalize(images[:32])
+    session = utils.ort_session(out / "fp32.onnx", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"input": x.contiguous().numpy()})[0]),
+                                   fp32.eval()(x), rtol=1e-3, atol=1e-4)
+    r = report_of(smoke, model)
+    assert r["agreement"]["int8_onnx_vs_torch"] >= 0.99 and r["agreement"]["fp32_onnx_vs_torch"] >= 0.99
+
+
+def test_simplifier_failure_keeps_the_checked_file(tmp_path, monkeypatch):
+    import onnxsim
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated onnxsim crash")
+    monkeypatch.setattr(onnxsim, "simplify", broken)
+    info = utils.export_onnx(models.create_model("resnet18"), tmp_path / "m.onnx")
+    assert info["simplified"] is False and "simulated onnxsim crash" in info["note"]
+    onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"))
+
+
+def test_failed_export_keeps_an_earlier_good_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    utils.export_onnx(models.create_model("resnet18"), path)
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated export failure")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError):
+        utils.export_onnx(models.create_model("resnet18"), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_same_seed_same_weights_on_cpu():
+    data = {"train": (torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8), torch.arange(64) % 10),
+            "test": (torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8), torch.arange(20) % 10)}
+    args = cifar.parse_args(["--model", "resnet18", "--epochs", "1", "--batch-size", "16", "--seed", "5"])
+    a, _ = cifar.train_float(args, data, torch.device("cpu"))
+    b, _ = cifar.train_float(args, data, torch.device("cpu"))
+    args.seed = 6
+    c, _ = cifar.train_float(args, data, torch.device("cpu"))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)

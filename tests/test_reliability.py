@@ -1,0 +1,153 @@
+"""Crash and Ctrl-C recovery, stage reuse, atomic files, safe loading, clear errors that change nothing."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, run_cli, write_folder
+
+QUICK = ["--model", "resnet18", "--epochs", "3", "--qat-epochs", "1", "--batch-size", "50", "--lr", "0.02",
+         "--no-ptq", "--bench-runs", "2", "--bench-warmup", "0", "--bench-batch-sizes", "1"]
+
+
+def snapshot(folder):
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def same_state(a, b):
+    sa, sb = (torch.load(p, weights_only=True) for p in (a, b))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("data") / "cifar", per_class=20)
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """An uninterrupted quick run."""
+    out = tmp_path_factory.mktemp("finished")
+    proc = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "resnet18"
+
+
+def start(data_dir, out, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "cifar.py"), *QUICK, "--data-dir", str(data_dir),
+                             "--out-dir", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+
+
+def wait_for_epoch(proc, out, epoch, timeout=300):
+    """Wait until checkpoint.pt holds at least this float epoch."""
+    ckpt = out / "resnet18" / "checkpoint.pt"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= epoch:
+            return
+        time.sleep(0.2)
+    pytest.fail("the run never reached the epoch")
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(data_dir, finished, tmp_path):
+    proc = start(data_dir, tmp_path)
+    wait_for_epoch(proc, tmp_path, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "resnet18" / "fp32.pt").exists()
+    resumed = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "fp32 epoch 1/3" not in resumed.stdout
+    assert same_state(tmp_path / "resnet18" / "fp32.pt", finished / "fp32.pt")
+    assert same_state(tmp_path / "resnet18" / "qat.pt", finished / "qat.pt")
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(data_dir, tmp_path):
+    proc = start(data_dir, tmp_path)
+    wait_for_epoch(proc, tmp_path, 1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("interrupted") and "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert torch.load(tmp_path / "resnet18" / "checkpoint.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_resume_of_a_finished_run_reuses_both_training_stages(data_dir, finished, tmp_path):
+    import shutil
+    shutil.copytree(finished, tmp_path / "resnet18")
+    proc = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fp32 epoch" not in proc.stdout and "qat epoch" not in proc.stdout
+    assert same_state(tmp_path / "resnet18" / "qat.pt", finished / "qat.pt")
+
+
+def test_resume_with_other_float_settings_is_refused_and_changes_nothing(data_dir, finished, tmp_path):
+    import shutil
+    shutil.copytree(finished, tmp_path / "resnet18")
+    before = snapshot(tmp_path / "resnet18")
+    proc = run_cli(*QUICK, "--epochs", "4", "--data-dir", data_dir, "--out-dir", tmp_path, "--resume")
+    assert proc.returncode == 2 and "--epochs 3 (this run: 4)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and snapshot(tmp_path / "resnet18") == before
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, "truncated"])
+def test_corrupt_checkpoint_is_a_clear_error(data_dir, finished, tmp_path, content):
+    folder = tmp_path / "resnet18"
+    folder.mkdir()
+    if content == "truncated":
+        content = (finished / "checkpoint.pt").read_bytes()[:5000]
+    (folder / "checkpoint.pt").write_bytes(content)
+    before = snapshot(folder)
+    proc = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path, "--resume")
+    assert proc.returncode == 2 and "checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("which", ["other_model", "truncated", "not_a_state_dict"])
+def test_bad_float_checkpoint_is_a_clear_error(data_dir, finished, tmp_path, which):
+    path = tmp_path / "weights.pt"
+    if which == "other_model":
+        torch.save(__import__("models").create_model("mobilenet_v2").state_dict(), path)
+    elif which == "truncated":
+        path.write_bytes((finished / "fp32.pt").read_bytes()[:10000])
+    else:
+        torch.save({"epoch": 3}, path)
+    proc = run_cli(*QUICK, "--float-checkpoint", path, "--data-dir", data_dir, "--out-dir", tmp_path / "out")
+    assert proc.returncode == 2 and str(path) in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_float_checkpoint_skips_float_training(data_dir, finished, tmp_path):
+    proc = run_cli(*QUICK, "--float-checkpoint", finished / "fp32.pt", "--data-dir", data_dir,
+                   "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fp32 epoch" not in proc.stdout and same_state(tmp_path / "resnet18" / "fp32.pt", finished / "fp32.pt")
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    root = write_folder(tmp_path / "cifar", per_class=1)
+    for p in (root / "test").rglob("*.png"):
+        p.unlink()
+    proc = run_cli("--data-dir", root, "--out-dir", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 2 and "no images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+
+    def half_then_fail(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        utils.atomic_write(path, half_then_fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
