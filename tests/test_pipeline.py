@@ -75,18 +75,24 @@ def test_int8_torchscript_runs_without_project_code(smoke, model, real_images):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_int8_agrees_with_the_fake_quant_model(smoke, model, real_images):
-    out = smoke[model][0]
-    qat = models.prepare_quantization(models.create_model(model), qat=True)
-    qat.load_state_dict(torch.load(out / "qat.pt", weights_only=True))
-    qat.apply(torch.ao.quantization.disable_observer)
-    int8 = torch.jit.load(out / "int8.pt")
-    x = utils.normalize(real_images[0])
+def test_int8_agrees_with_the_fake_quant_model(model, cifar_dir, tmp_path):
+    """Short float training (to confident predictions) + short QAT with the pipeline's own stages."""
+    images, labels = utils.load_split(cifar_dir, train=True)
+    idx = utils.balanced_subset(labels, 500, seed=2)
+    data = {"train": (images[idx], labels[idx]), "test": (images[idx[:100]], labels[idx[:100]])}
+    args = cifar.parse_args(["--model", model, "--epochs", "8", "--qat-epochs", "1", "--batch-size", "50",
+                             "--lr", "0.05", "--label-smoothing", "0"])
+    fp32, history = cifar.train_float(args, data, torch.device("cpu"), tmp_path)
+    qat, _ = cifar.train_qat(fp32, history, data, args, torch.device("cpu"), tmp_path)
+    int8 = models.convert_int8(qat)
+    x = utils.normalize(images[idx])
     with torch.no_grad():
         fake, real = qat.eval()(x), int8(x)
-    assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.95
-    # Same grids, so the logits match closely too (a few quantization steps at most).
-    assert (fake - real).abs().mean() < 0.1 * fake.std()
+    agreement = (fake.argmax(1) == real.argmax(1)).float().mean().item()
+    print(f"{model}: int8 vs fake-quant agreement {agreement:.3f}, "
+          f"train accuracy {(fake.argmax(1) == labels[idx]).float().mean():.3f}")
+    assert agreement >= 0.95
+    assert (fake - real).abs().mean() < 0.1 * fake.std()  # same grids: logits close, not just classes
 
 
 @pytest.mark.parametrize("model", MODELS)
