@@ -8,9 +8,7 @@ float training -> fuse + fbgemm QAT fine-tuning -> int8 (TorchScript) -> PTQ bas
 """
 import argparse
 import copy
-import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -254,8 +252,6 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None):
             model.apply(nniqat.freeze_bn_stats)
 
     resume = ckpt if ckpt and ckpt["stage"] == "qat" and not ckpt.get("restart_qat") else None
-    if resume and resume["epoch"] > args.qat_freeze_bn_after:
-        model.apply(nniqat.freeze_bn_stats)
     history = fit(model, optimizer, scheduler, data, args, device, "qat", args.qat_epochs, out, resume,
                   fp32_history, before_epoch)
     model.apply(tq.disable_observer)

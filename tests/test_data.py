@@ -1,5 +1,4 @@
 """Data: both layouts, labels, cache, errors, subsets, batched augmentation."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image
