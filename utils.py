@@ -61,19 +61,14 @@ def find_layout(data_dir):
     return None
 
 
-def _missing_data_message(data_dir, why):
-    return (f"no CIFAR-10 found in '{data_dir}' and the download failed ({why}); put torchvision's "
-            f"'cifar-10-batches-py/' or an image folder 'train/<class>/*.png|jpg', 'test/<class>/*' there, "
-            f"or point --data-dir / CIFAR10_DIR at a copy")
-
-
 def download_cifar10(data_dir):
     """torchvision's download of the official files; a clear UserError when offline."""
     data_dir = Path(data_dir)
     existed = data_dir.exists()
     if existed and not data_dir.is_dir():
         raise UserError(f"--data-dir '{data_dir}' is a file, not a folder")
-    if existed and any(data_dir.iterdir()):
+    # The repo's data/ holds a .gitkeep, and a failed download may have left torchvision's archive behind.
+    if existed and any(not p.name.startswith(".") and p.name != "cifar-10-python.tar.gz" for p in data_dir.iterdir()):
         raise UserError(f"'{data_dir}' holds neither CIFAR-10 layout: expected torchvision's "
                         f"'cifar-10-batches-py/' or an image folder with 'train/' and 'test/'")
     print(f"CIFAR-10 not found in '{data_dir}': downloading the official files ...", flush=True)
@@ -82,7 +77,9 @@ def download_cifar10(data_dir):
     except Exception as e:  # URLError, timeouts, bad checksum: all end the same way for the user
         if not existed:
             shutil.rmtree(data_dir, ignore_errors=True)
-        raise UserError(_missing_data_message(data_dir, f"{type(e).__name__}: {e}")) from None
+        raise UserError(f"no CIFAR-10 found in '{data_dir}' and the download failed ({type(e).__name__}: {e}); "
+                        f"put torchvision's 'cifar-10-batches-py/' or an image folder 'train/<class>/*.png|jpg', "
+                        f"'test/<class>/*' there, or point --data-dir / CIFAR10_DIR at a copy") from None
 
 
 def _decode_folder(split_dir):

@@ -78,3 +78,12 @@ def test_help_shows_defaults():
 def test_per_model_defaults_fill_in():
     args = cifar.parse_args(["--model", "resnet18"])
     assert args.epochs == cifar.models.DEFAULTS["resnet18"]["epochs"] and args.qat_lr == args.lr / 100
+
+
+def test_data_dir_with_only_hidden_files_still_tries_the_download(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / ".gitkeep").write_text("")
+    proc = run_cli("--data-dir", data, "--out-dir", tmp_path / "out", timeout=120)
+    assert_one_line_error(proc, "download failed")
+    assert [p.name for p in data.iterdir()] == [".gitkeep"]
