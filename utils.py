@@ -214,7 +214,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, des
     batches.data_seconds = 0.0
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, leave=False, mininterval=1, dynamic_ncols=True)
+    bar = tqdm(batches, desc=desc, leave=False, mininterval=1, dynamic_ncols=True, disable=None)  # no bar in logs
     for x, y in bar:
         out = model(x.to(device, non_blocking=True))
         loss = criterion(out, y)
