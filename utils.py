@@ -72,7 +72,6 @@ def download_cifar10(data_dir):
     if existed and any(not p.name.startswith(".") and p.name != "cifar-10-python.tar.gz" for p in data_dir.iterdir()):
         raise UserError(f"'{data_dir}' holds neither CIFAR-10 layout: expected torchvision's "
                         f"'cifar-10-batches-py/' or an image folder with 'train/' and 'test/'")
-    print(f"CIFAR-10 not found in '{data_dir}': downloading the official files ...", flush=True)
     try:
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as e:  # URLError, timeouts, bad checksum: all end the same way for the user

@@ -39,6 +39,7 @@ def test_missing_data_offline_is_one_clear_line(tmp_path):
     empty.mkdir()
     proc = run_cli("--data-dir", empty, "--out-dir", tmp_path / "out", timeout=120)
     assert_one_line_error(proc, str(empty), "cifar-10-batches-py", "train/<class>", "--data-dir", "CIFAR10_DIR")
+    assert proc.stdout.strip() == ""  # the one line is all the user sees
     assert not (tmp_path / "out").exists() and list(empty.iterdir()) == []
 
 
