@@ -125,9 +125,10 @@ def test_onnx_runtime_agrees_with_pytorch(fitted):
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.999
     agreement = utils.top1(torch.from_numpy(logits).argmax(1), torch_logits.argmax(1))
     print(f"{fitted['model']}: ONNX Runtime int8 vs PyTorch int8 agreement {agreement:.3f}")
-    # Rounding differences of one step compound with depth; on a briefly trained model with small logit
-    # margins they flip a few classes (the full-run report measures agreement on a trained model).
-    assert agreement >= 0.9
+    # One-step rounding differences compound with depth; on this briefly trained model with small logit margins
+    # they flip some classes (measured 0.85-0.97 here; 0.963 on the trained full-run model, see the README). A
+    # wrong export (scales, zero points, layout) lands near chance (about 0.1-0.3) and fails the check above.
+    assert agreement >= 0.8
     fp32_x = x[:32]
     session = utils.ort_session(out / "fp32.onnx", 2)
     with torch.no_grad():
