@@ -208,7 +208,7 @@ def fit(model, optimizer, scheduler, data, args, device, stage, epochs, out, res
 
 
 def train_float(args, data, device, out, ckpt=None):
-    """Float training with SGD + nesterov and a one-cycle schedule (linear warm-up, cosine decay).
+    """Float training with SGD + nesterov and OneCycleLR (annealed warm-up to the peak LR, then cosine decay).
 
     ckpt: a checkpoint to continue from; one of the QAT stage means float training is done (fp32.pt).
     """
