@@ -181,8 +181,7 @@ def fit(model, optimizer, scheduler, data, args, device, stage, epochs, out, res
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        if scheduler:
-            scheduler.load_state_dict(resume["scheduler"])
+        scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])  # dropout draws from it
         history, done = [h for h in resume["history"] if h["stage"] == stage], resume["epoch"]
     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, epoch=done)
