@@ -63,7 +63,7 @@ def get_args_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
     g = p.add_argument_group("quantization")
-    g.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
+    g.add_argument("--qat-epochs", type=int, default=1, help="QAT fine-tuning epochs")
     g.add_argument("--qat-lr", type=float, default=None, help="default: the peak --lr / 100, cosine-decayed")
     g.add_argument("--qat-freeze-observer-after", type=int, default=1,
                    help="QAT epochs after which the quantization ranges stop updating")

@@ -73,7 +73,7 @@ def test_out_dir_that_is_a_file(tmp_path):
 
 def test_help_shows_defaults():
     text = " ".join(cifar.get_args_parser().format_help().split())
-    assert "(default: 128)" in text and "10 for mobilenet_v2" in text and "(default: save_models)" in text
+    assert "(default: 128)" in text and "8 for mobilenet_v2" in text and "(default: save_models)" in text
 
 
 def test_per_model_defaults_fill_in():

@@ -29,6 +29,16 @@ def test_create_model_gives_10_logits_and_state_dict_loads_into_the_qat_model(na
     assert torch.equal(first_fused.weight, first_conv.weight)  # the float weights went in unchanged
 
 
+def test_mobilenet_v2_last_blocks_see_a_4x4_map_of_a_32x32_image():
+    model = models.create_model("mobilenet_v2").eval()
+    sizes = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, inputs, out: sizes.append(tuple(out.shape[-2:])))
+    model(torch.randn(1, 3, 32, 32))
+    assert sizes[-1] == (4, 4) and min(sizes) == (4, 4)  # ImageNet strides would end at 1x1
+
+
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="mobilenet_v2, resnet18"):
         models.create_model("vgg")
