@@ -5,7 +5,7 @@ seed: per-sample torchvision transforms (RandomCrop(32, padding=4), RandomHorizo
 ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation, channels_last, SGD.
 Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and batch size.
 
-    python benchmarks/train_throughput.py --model mobilenet_v2 --batches 40
+    python benchmarks/train_throughput.py --model mobilenet_v2 --batches 40 [--levers]
 """
 import argparse
 import os
@@ -38,22 +38,45 @@ class SeedDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def images_per_s(model, batches, n, warmup):
-    """Train for warmup + n batches (data loading included); images/s over the last n."""
+def images_per_s(model, batches, n, warmup, bf16=False):
+    """Train for warmup + n batches (data loading included); images/s over the last n, and the warm-up seconds
+    (where torch.compile's compile time goes)."""
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
-    seen, it = 0, iter(batches)
+    seen, it, begin = 0, iter(batches), time.perf_counter()
     for i in range(warmup + n):
         if i == warmup:
             start, seen = time.perf_counter(), 0
         x, y = next(it)
-        loss = criterion(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = criterion(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         seen += len(y)
-    return seen / (time.perf_counter() - start)
+    return seen / (time.perf_counter() - start), start - begin
+
+
+def levers(args, images, labels):
+    """Float training with our recipe, one lever changed at a time."""
+    variants = [("ours: channels_last, fp32, eager", {}), ("NCHW instead of channels_last", dict(nchw=True)),
+                ("bf16 autocast", dict(bf16=True)), ("torch.compile", dict(compile=True)),
+                ("batch 64", dict(batch_size=64)), ("batch 256", dict(batch_size=256)), ("1 thread", dict(threads=1))]
+    print(f"\n{args.model} float training levers ({args.batches} timed batches after {args.warmup} warm-up):")
+    base = None
+    for name, v in variants:
+        torch.set_num_threads(v.get("threads", args.threads))
+        torch.manual_seed(0)
+        model = models.create_model(args.model)
+        model.to(memory_format=torch.contiguous_format if v.get("nchw") else torch.channels_last)
+        if v.get("compile"):
+            model = torch.compile(model)
+        batches = utils.Batches(images, labels, v.get("batch_size", args.batch_size), seed=0, device="cpu")
+        ips, warm = images_per_s(model, batches, args.batches, args.warmup, v.get("bf16", False))
+        base = base or ips
+        print(f"  {name:34s} {ips:7.1f} img/s  {ips / base:5.2f}x  (warm-up {warm:.0f} s)", flush=True)
+    torch.set_num_threads(args.threads)
 
 
 def main():
@@ -65,10 +88,11 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--levers", action="store_true", help="also time float training with one setting changed at a time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images, labels = utils.load_split(args.data_dir, train=True)
-    need = (args.batches + args.warmup) * args.batch_size
+    need = (args.batches + args.warmup) * max(args.batch_size, 256 if args.levers else 0)
     images, labels = images[:need], labels[:need]
 
     def seed_batches():
@@ -87,7 +111,7 @@ def main():
             if phase == "qat":
                 models.prepare_quantization(model, qat=True)
             model.to(memory_format=layout)
-            results[phase, recipe] = images_per_s(model, batches(), args.batches, args.warmup)
+            results[phase, recipe] = images_per_s(model, batches(), args.batches, args.warmup)[0]
             print(f"{args.model} {phase:5s} {recipe:4s}: {results[phase, recipe]:7.1f} img/s", flush=True)
     print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.batches} timed batches "
           f"after {args.warmup} warm-up, torch {torch.__version__}")
@@ -95,6 +119,8 @@ def main():
         ratio = results[phase, "ours"] / results[phase, "seed"]
         print(f"{phase:5s}: seed {results[phase, 'seed']:.1f} img/s, ours {results[phase, 'ours']:.1f} img/s, "
               f"ratio {ratio:.2f}x")
+    if args.levers:
+        levers(args, images, labels)
 
 
 if __name__ == "__main__":
