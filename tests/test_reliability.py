@@ -41,9 +41,11 @@ def finished(data_dir, tmp_path_factory):
 
 def start(data_dir, out, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # SIGINT at its default, as in a terminal: a test run started as a background job inherits it ignored
     return subprocess.Popen([sys.executable, str(ROOT / "cifar.py"), *QUICK, "--data-dir", str(data_dir),
                              "--out-dir", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+                            text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_epoch(proc, out, epoch, timeout=300):
