@@ -6,6 +6,8 @@ ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation, chann
       where the model's default has it (its compile time is printed, and counted in a full-epoch figure).
 Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and batch size.
 
+The timed batches alternate between the two recipes in --rounds rounds, so drift hits both alike.
+
     python benchmarks/train_throughput.py --model mobilenet_v2 --batches 40 [--levers]
 """
 import argparse
@@ -39,24 +41,33 @@ class SeedDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def images_per_s(model, batches, n, warmup, bf16=False):
-    """Train for warmup + n batches (data loading included); images/s over the last n, and the warm-up seconds
-    (where torch.compile's compile time goes)."""
+def trainer(model, batches, bf16=False):
+    """A function that trains model on its next k batches (data loading included): -> (images, seconds)."""
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
-    seen, it, begin = 0, iter(batches), time.perf_counter()
-    for i in range(warmup + n):
-        if i == warmup:
-            start, seen = time.perf_counter(), 0
-        x, y = next(it)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = criterion(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        seen += len(y)
-    return seen / (time.perf_counter() - start), start - begin
+    it = iter(batches)
+
+    def train(k):
+        seen, start = 0, time.perf_counter()
+        for _ in range(k):
+            x, y = next(it)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+        return seen, time.perf_counter() - start
+    return train
+
+
+def images_per_s(model, batches, n, warmup, bf16=False):
+    """images/s over n batches after warmup ones, and the warm-up seconds (where torch.compile's time goes)."""
+    train = trainer(model, batches, bf16)
+    warm = train(warmup)[1]
+    seen, seconds = train(n)
+    return seen / seconds, warm
 
 
 def levers(args, images, labels):
@@ -86,14 +97,15 @@ def main():
     p.add_argument("--model", default="mobilenet_v2", choices=list(models.ARCHS))
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (twice for the compile time)")
+    p.add_argument("--rounds", type=int, default=4, help="alternating seed/ours rounds the timed batches are split in")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--levers", action="store_true", help="also time float training with one setting changed at a time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images, labels = utils.load_split(args.data_dir, train=True)
-    need = (args.batches + args.warmup) * max(args.batch_size, 256 if args.levers else 0)
+    need = (args.batches + 2 * args.warmup) * max(args.batch_size, 256 if args.levers else 0)
     images, labels = images[:need], labels[:need]
 
     def seed_batches():
@@ -106,6 +118,7 @@ def main():
     compile_ours = models.DEFAULTS[args.model]["compile"]
     results, compile_s = {}, {}
     for phase in ("float", "qat"):
+        train = {}
         for recipe, batches, layout in (("seed", seed_batches, torch.contiguous_format),
                                         ("ours", our_batches, torch.channels_last)):
             torch.manual_seed(0)
@@ -115,13 +128,22 @@ def main():
             model.to(memory_format=layout)
             if recipe == "ours" and compile_ours:
                 model = torch.compile(model)
-            ips, warm = images_per_s(model, batches(), args.batches, args.warmup)
-            results[phase, recipe] = ips
-            # the warm-up beyond its own batches' compute is compile time
-            compile_s[phase] = max(warm - args.warmup * args.batch_size / ips, 0) if recipe == "ours" else 0
-            print(f"{args.model} {phase:5s} {recipe:4s}: {ips:7.1f} img/s", flush=True)
-    print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.batches} timed batches "
-          f"after {args.warmup} warm-up, torch.compile for ours: {compile_ours}, torch {torch.__version__}")
+            train[recipe] = trainer(model, batches())
+            warm = train[recipe](args.warmup)[1]
+            compile_s[phase] = warm - train[recipe](args.warmup)[1] if recipe == "ours" else 0
+        # The two recipes take turns in rounds, so this machine's drift (10-30% over minutes) hits both alike.
+        totals = {recipe: [0, 0.0] for recipe in train}
+        for _ in range(args.rounds):
+            for recipe in train:
+                seen, seconds = train[recipe](args.batches // args.rounds)
+                totals[recipe][0] += seen
+                totals[recipe][1] += seconds
+        for recipe, (seen, seconds) in totals.items():
+            results[phase, recipe] = seen / seconds
+            print(f"{args.model} {phase:5s} {recipe:4s}: {results[phase, recipe]:7.1f} img/s", flush=True)
+    print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.batches} timed batches in "
+          f"{args.rounds} alternating rounds after {args.warmup} warm-up, torch.compile for ours: {compile_ours}, "
+          f"torch {torch.__version__}")
     epoch = 50000  # a full CIFAR-10 epoch, to spread the compile time over
     for phase in ("float", "qat"):
         ratio = results[phase, "ours"] / results[phase, "seed"]
