@@ -17,7 +17,7 @@ ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
 # trained ResNet18 1.25x faster (QAT 1.13x) on 2 cores but MobileNetV2 float no faster, after ~90 s compiling.
 DEFAULTS = {
     "mobilenet_v2": dict(epochs=8, lr=0.05, weight_decay=5e-4, compile=False),
-    "resnet18": dict(epochs=12, lr=0.1, weight_decay=5e-4, compile=True),
+    "resnet18": dict(epochs=11, lr=0.1, weight_decay=5e-4, compile=True),
 }
 
 
