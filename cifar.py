@@ -9,7 +9,6 @@ float training -> fuse + fbgemm QAT fine-tuning -> int8 (TorchScript) -> PTQ bas
 import argparse
 import copy
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,8 +59,6 @@ def get_args_parser():
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov)")
     g.add_argument("--warmup-pct", type=float, default=0.15, help="share of the one-cycle schedule spent warming up")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"train (float and QAT) through torch.compile; default: {per_model('compile')}")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
@@ -104,9 +101,6 @@ def parse_args(argv=None):
             parser.error(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available here; use --device cpu or auto")
-    if args.compile and not shutil.which(os.environ.get("CXX", "g++")):  # inductor's compiler on CPU
-        print("note: no C++ compiler (g++ or $CXX): training without torch.compile", file=sys.stderr)
-        args.compile = False
     if args.float_checkpoint and not Path(args.float_checkpoint).is_file():
         parser.error(f"--float-checkpoint '{args.float_checkpoint}' does not exist")
     return args
@@ -191,18 +185,13 @@ def fit(model, optimizer, scheduler, data, args, device, stage, epochs, out, res
         torch.set_rng_state(resume["rng"])  # dropout draws from it
         history, done = [h for h in resume["history"] if h["stage"] == stage], resume["epoch"]
     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, epoch=done)
-    # The compiled module shares model's parameters; evaluation and checkpoints use model itself. Compile time
-    # lands in the first epoch's images/s. If compiling fails anyway, dynamo warns and runs the model eagerly.
-    if args.compile:
-        torch._dynamo.config.suppress_errors = True
-    forward = torch.compile(model) if args.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     for epoch in range(done + 1, epochs + 1):
         if before_epoch:
             before_epoch(epoch)
         start = time.perf_counter()
         loss, train_acc, ips, data_share = utils.train_one_epoch(
-            forward, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}")
+            model, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}")
         if stage == "qat":  # evaluate without letting test images move the quantization ranges
             model.apply(tq.disable_observer)
         test_acc = utils.accuracy(model, data["test"], device)

@@ -13,11 +13,10 @@ warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 ENGINE = "fbgemm"
 ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
 # Per-model training defaults (cifar.py --help shows them; the command line overrides them). The epochs are
-# what fits the whole default run in 45 (MobileNetV2) / 60 (ResNet18) minutes on 2 CPU cores. torch.compile
-# trained ResNet18 1.25x faster (QAT 1.13x) on 2 cores but MobileNetV2 float no faster, after ~90 s compiling.
+# what fits the whole default run in 45 (MobileNetV2) / 60 (ResNet18) minutes on 2 CPU cores.
 DEFAULTS = {
-    "mobilenet_v2": dict(epochs=8, lr=0.05, weight_decay=5e-4, compile=False),
-    "resnet18": dict(epochs=11, lr=0.1, weight_decay=5e-4, compile=True),
+    "mobilenet_v2": dict(epochs=8, lr=0.05, weight_decay=5e-4),
+    "resnet18": dict(epochs=10, lr=0.1, weight_decay=5e-4),
 }
 
 

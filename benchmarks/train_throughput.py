@@ -2,11 +2,11 @@
 
 seed: per-sample torchvision transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize)
       through a DataLoader with 2 workers, NCHW, eager, SGD.
-ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation, channels_last, SGD, and torch.compile
-      where the model's default has it (its compile time is printed, and counted in a full-epoch figure).
+ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation, channels_last, SGD.
 Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and batch size.
 
-The timed batches alternate between the two recipes in --rounds rounds, so drift hits both alike.
+Everything compared is timed in alternating rounds (--rounds): this machine's speed drifts by 10-30% within
+minutes, and timing one side after the other once made torch.compile look 1.25x faster when it was not.
 
     python benchmarks/train_throughput.py --model mobilenet_v2 --batches 40 [--levers]
 """
@@ -62,32 +62,51 @@ def trainer(model, batches, bf16=False):
     return train
 
 
-def images_per_s(model, batches, n, warmup, bf16=False):
-    """images/s over n batches after warmup ones, and the warm-up seconds (where torch.compile's time goes)."""
-    train = trainer(model, batches, bf16)
-    warm = train(warmup)[1]
-    seen, seconds = train(n)
-    return seen / seconds, warm
+def interleaved(trainers, batches, rounds):
+    """images/s of each {name: (train, threads)} over `batches` batches, taken in turns over `rounds` rounds."""
+    totals = {name: [0, 0.0] for name in trainers}
+    for _ in range(rounds):
+        for name, (train, threads) in trainers.items():
+            torch.set_num_threads(threads)
+            seen, seconds = train(batches // rounds)
+            totals[name][0] += seen
+            totals[name][1] += seconds
+    return {name: seen / seconds for name, (seen, seconds) in totals.items()}
+
+
+def warm_up(train, n):
+    """Run n untimed batches twice; the first pass's extra time over the second is compile time."""
+    first = train(n)[1]
+    return max(first - train(n)[1], 0.0)
 
 
 def levers(args, images, labels):
-    """Float training with our recipe, one lever changed at a time."""
+    """Float training with our recipe, one lever changed at a time, all variants timed in turns."""
     variants = [("ours: channels_last, fp32, eager", {}), ("NCHW instead of channels_last", dict(nchw=True)),
                 ("bf16 autocast", dict(bf16=True)), ("torch.compile", dict(compile=True)),
                 ("batch 64", dict(batch_size=64)), ("batch 256", dict(batch_size=256)), ("1 thread", dict(threads=1))]
-    print(f"\n{args.model} float training levers ({args.batches} timed batches after {args.warmup} warm-up):")
-    base = None
+    trainers, compile_s = {}, {}
     for name, v in variants:
-        torch.set_num_threads(v.get("threads", args.threads))
+        threads = v.get("threads", args.threads)
+        torch.set_num_threads(threads)
         torch.manual_seed(0)
         model = models.create_model(args.model)
         model.to(memory_format=torch.contiguous_format if v.get("nchw") else torch.channels_last)
         if v.get("compile"):
             model = torch.compile(model)
-        batches = utils.Batches(images, labels, v.get("batch_size", args.batch_size), seed=0, device="cpu")
-        ips, warm = images_per_s(model, batches, args.batches, args.warmup, v.get("bf16", False))
-        base = base or ips
-        print(f"  {name:34s} {ips:7.1f} img/s  {ips / base:5.2f}x  (warm-up {warm:.0f} s)", flush=True)
+        bs = v.get("batch_size", args.batch_size)
+        train = trainer(model, utils.Batches(images, labels, bs, seed=0, device="cpu"), v.get("bf16", False))
+        # the same number of images for every variant
+        scaled = lambda k, train=train, bs=bs: train(max(k * args.batch_size // bs, 1))
+        compile_s[name] = warm_up(scaled, args.warmup)
+        trainers[name] = (scaled, threads)
+    ips = interleaved(trainers, args.batches, args.rounds)
+    print(f"\n{args.model} float training levers ({args.batches} timed batches of {args.batch_size} images each, "
+          f"in {args.rounds} alternating rounds):")
+    base = ips[variants[0][0]]
+    for name, _ in variants:
+        extra = f"  (compile {compile_s[name]:.0f} s)" if name == "torch.compile" else ""
+        print(f"  {name:34s} {ips[name]:7.1f} img/s  {ips[name] / base:5.2f}x{extra}", flush=True)
     torch.set_num_threads(args.threads)
 
 
@@ -97,7 +116,7 @@ def main():
     p.add_argument("--model", default="mobilenet_v2", choices=list(models.ARCHS))
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (twice for the compile time)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (levers: twice, to time compiling)")
     p.add_argument("--rounds", type=int, default=4, help="alternating seed/ours rounds the timed batches are split in")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -115,10 +134,9 @@ def main():
     def our_batches():
         return utils.Batches(images, labels, args.batch_size, seed=0, device="cpu")
 
-    compile_ours = models.DEFAULTS[args.model]["compile"]
-    results, compile_s = {}, {}
+    results = {}
     for phase in ("float", "qat"):
-        train = {}
+        trainers = {}
         for recipe, batches, layout in (("seed", seed_batches, torch.contiguous_format),
                                         ("ours", our_batches, torch.channels_last)):
             torch.manual_seed(0)
@@ -126,31 +144,17 @@ def main():
             if phase == "qat":
                 models.prepare_quantization(model, qat=True)
             model.to(memory_format=layout)
-            if recipe == "ours" and compile_ours:
-                model = torch.compile(model)
-            train[recipe] = trainer(model, batches())
-            warm = train[recipe](args.warmup)[1]
-            compile_s[phase] = warm - train[recipe](args.warmup)[1] if recipe == "ours" else 0
-        # The two recipes take turns in rounds, so this machine's drift (10-30% over minutes) hits both alike.
-        totals = {recipe: [0, 0.0] for recipe in train}
-        for _ in range(args.rounds):
-            for recipe in train:
-                seen, seconds = train[recipe](args.batches // args.rounds)
-                totals[recipe][0] += seen
-                totals[recipe][1] += seconds
-        for recipe, (seen, seconds) in totals.items():
-            results[phase, recipe] = seen / seconds
-            print(f"{args.model} {phase:5s} {recipe:4s}: {results[phase, recipe]:7.1f} img/s", flush=True)
+            trainers[recipe] = (trainer(model, batches()), args.threads)
+            trainers[recipe][0](args.warmup)
+        for recipe, ips in interleaved(trainers, args.batches, args.rounds).items():
+            results[phase, recipe] = ips
+            print(f"{args.model} {phase:5s} {recipe:4s}: {ips:7.1f} img/s", flush=True)
     print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.batches} timed batches in "
-          f"{args.rounds} alternating rounds after {args.warmup} warm-up, torch.compile for ours: {compile_ours}, "
-          f"torch {torch.__version__}")
-    epoch = 50000  # a full CIFAR-10 epoch, to spread the compile time over
+          f"{args.rounds} alternating rounds after {args.warmup} warm-up, torch {torch.__version__}")
     for phase in ("float", "qat"):
         ratio = results[phase, "ours"] / results[phase, "seed"]
-        first = epoch / (epoch / results[phase, "ours"] + compile_s[phase]) / results[phase, "seed"]
         print(f"{phase:5s}: seed {results[phase, 'seed']:.1f} img/s, ours {results[phase, 'ours']:.1f} img/s, "
-              f"ratio {ratio:.2f}x" + (f"; compile {compile_s[phase]:.0f} s, first full epoch with it "
-                                       f"{first:.2f}x" if compile_ours else ""))
+              f"ratio {ratio:.2f}x")
     if args.levers:
         levers(args, images, labels)
 

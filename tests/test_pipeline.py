@@ -188,8 +188,7 @@ def test_failed_export_keeps_an_earlier_good_file(tmp_path, monkeypatch):
 def test_same_seed_same_weights_on_cpu(tmp_path):
     data = {"train": (torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8), torch.arange(64) % 10),
             "test": (torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8), torch.arange(20) % 10)}
-    args = cifar.parse_args(["--model", "resnet18", "--epochs", "1", "--batch-size", "16", "--seed", "5",
-                             "--no-compile"])
+    args = cifar.parse_args(["--model", "resnet18", "--epochs", "1", "--batch-size", "16", "--seed", "5"])
     a, _ = cifar.train_float(args, data, torch.device("cpu"), tmp_path)
     b, _ = cifar.train_float(args, data, torch.device("cpu"), tmp_path)
     args.seed = 6
@@ -197,25 +196,3 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
-
-
-def test_compiled_training_matches_eager_training(tmp_path):
-    """torch.compile (ResNet18's default) must train the model's own parameters, to the same weights as eager.
-
-    A small LR keeps 4 steps on random images out of the chaotic regime, where any rounding difference grows.
-    """
-    g = torch.Generator().manual_seed(1)
-    data = {"train": (torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(64) % 10),
-            "test": (torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(20) % 10)}
-    argv = ["--model", "resnet18", "--epochs", "1", "--batch-size", "16", "--lr", "0.002"]
-    assert cifar.parse_args(argv).compile
-    compiled, _ = cifar.train_float(cifar.parse_args(argv), data, torch.device("cpu"), tmp_path)
-    eager, _ = cifar.train_float(cifar.parse_args([*argv, "--no-compile"]), data, torch.device("cpu"), tmp_path)
-    torch.manual_seed(0)  # train_float's default seed: the initial weights of both runs
-    init = models.create_model("resnet18").state_dict()
-    sc, se = compiled.state_dict(), eager.state_dict()
-    assert sc.keys() == se.keys()
-    for k in (k for k in sc if sc[k].is_floating_point()):
-        update = (se[k] - init[k]).abs().max()
-        assert update > 0, k
-        assert (sc[k] - se[k]).abs().max() <= 0.05 * update, k  # rounding: measured up to 1.5% of the update

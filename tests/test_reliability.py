@@ -13,7 +13,7 @@ import utils
 from conftest import ROOT, run_cli, write_folder
 
 QUICK = ["--model", "resnet18", "--epochs", "3", "--qat-epochs", "1", "--batch-size", "50", "--lr", "0.02",
-         "--no-ptq", "--bench-runs", "2", "--bench-warmup", "0", "--bench-batch-sizes", "1", "--no-compile"]
+         "--no-ptq", "--bench-runs", "2", "--bench-warmup", "0", "--bench-batch-sizes", "1"]
 
 
 def snapshot(folder):
