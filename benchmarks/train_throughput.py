@@ -117,7 +117,7 @@ def main():
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first (levers: twice, to time compiling)")
-    p.add_argument("--rounds", type=int, default=4, help="alternating seed/ours rounds the timed batches are split in")
+    p.add_argument("--rounds", type=int, default=4, help="rounds the timed batches are split in, all sides in turn")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--levers", action="store_true", help="also time float training with one setting changed at a time")
@@ -144,8 +144,9 @@ def main():
             if phase == "qat":
                 models.prepare_quantization(model, qat=True)
             model.to(memory_format=layout)
-            trainers[recipe] = (trainer(model, batches()), args.threads)
-            trainers[recipe][0](args.warmup)
+            train = trainer(model, batches())
+            train(args.warmup)
+            trainers[recipe] = (train, args.threads)
         for recipe, ips in interleaved(trainers, args.batches, args.rounds).items():
             results[phase, recipe] = ips
             print(f"{args.model} {phase:5s} {recipe:4s}: {ips:7.1f} img/s", flush=True)
