@@ -184,20 +184,22 @@ class Batches:
     """Shuffled, augmented training batches from uint8 tensors kept on the training device.
 
     Epoch e draws its order and augmentation from seed + e, so runs (and resumed runs) are repeatable.
+    max_batches > 0 ends each epoch after that many batches (a different random part of the data each epoch).
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, epoch=0):
+    def __init__(self, images, labels, batch_size, seed, device, epoch=0, max_batches=0):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.max_batches = batch_size, seed, max_batches
         self.epoch, self.data_seconds = epoch, 0.0
 
     def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
+        n = -(-len(self.labels) // self.batch_size)
+        return min(n, self.max_batches) if self.max_batches else n
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.labels), generator=g).to(self.images.device)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             t = time.perf_counter()
             idx = order[start:start + self.batch_size]
             x = normalize(augment(self.images[idx], g))
@@ -350,7 +352,8 @@ def report_markdown(r):
     """report.json as readable tables."""
     acc, lat = r["accuracy"], r.get("latency_ms", {})
     lines = [f"# {r['model']} on CIFAR-10: float, QAT int8, ONNX", "",
-             f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs on {r['device']}; "
+             f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs of {r['args']['qat_batches'] or 'all'} "
+             f"batches on {r['device']}; "
              f"torch {r['environment']['torch']}, {r['environment']['threads']} threads, "
              f"{r['environment']['cpu']}", "",
              "| model | top-1 | file (bytes) |", "|---|---|---|"]

@@ -18,6 +18,7 @@ def assert_one_line_error(proc, *fragments):
     (["--epochs", "-1"], "--epochs"),
     (["--batch-size", "0"], "--batch-size"),
     (["--qat-epochs", "-2"], "--qat-epochs"),
+    (["--qat-batches", "-1"], "--qat-batches"),
     (["--lr", "0"], "--lr"),
     (["--model", "vgg16"], "invalid choice"),
     (["--epochs", "ten"], "invalid int"),

@@ -109,3 +109,12 @@ def test_batches_cover_the_epoch_and_repeat_with_the_seed():
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in c]))
     assert a[0][0].dtype == torch.float32 and a[0][0].shape == (16, 3, 32, 32)
+
+
+def test_max_batches_ends_each_epoch_early_on_a_fresh_part_of_the_data():
+    images = torch.randint(0, 256, (50, 32, 32, 3), dtype=torch.uint8)
+    batches = utils.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=2)
+    first, second = [torch.cat([y for _, y in batches]) for _ in range(2)]
+    assert len(batches) == 2 and len(first) == len(second) == 32
+    assert len(set(first.tolist())) == 32 and set(first.tolist()) != set(second.tolist())
+    assert len(utils.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=9)) == 4
