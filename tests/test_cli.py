@@ -74,7 +74,8 @@ def test_out_dir_that_is_a_file(tmp_path):
 
 def test_help_shows_defaults():
     text = " ".join(cifar.get_args_parser().format_help().split())
-    assert "(default: 128)" in text and "8 for mobilenet_v2" in text and "(default: save_models)" in text
+    epochs = ", ".join(f"{v['epochs']} for {k}" for k, v in cifar.models.DEFAULTS.items())
+    assert "(default: 128)" in text and f"default: {epochs}" in text and "(default: save_models)" in text
 
 
 def test_per_model_defaults_fill_in():
