@@ -187,10 +187,10 @@ class Batches:
     max_batches > 0 ends each epoch after that many batches (a different random part of the data each epoch).
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, epoch=0, max_batches=0):
+    def __init__(self, images, labels, batch_size, seed, device, max_batches=0):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed, self.max_batches = batch_size, seed, max_batches
-        self.epoch, self.data_seconds = epoch, 0.0
+        self.epoch, self.data_seconds = 0, 0.0  # a resumed run sets epoch to the epochs already done
 
     def __len__(self):
         n = -(-len(self.labels) // self.batch_size)
