@@ -390,7 +390,9 @@ def main(argv=None):
     # 2. QAT fine-tuning and 3. int8 conversion
     qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt)
     record_training("qat", history)
-    report["accuracy"]["qat_fake_quant"] = utils.accuracy(qat_model, data["test"])
+    # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
+    qat_acc = history[-1]["test_acc"] if history else utils.accuracy(qat_model, data["test"])
+    report["accuracy"]["qat_fake_quant"] = qat_acc
     lap("qat_train")
     int8_model, int8_ts = quantize_int8(qat_model, out)
     int8_preds = utils.predict(int8_model, test_images)

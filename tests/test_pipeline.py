@@ -76,6 +76,17 @@ def test_int8_torchscript_runs_without_project_code(smoke, model, real_images):
     assert (out / "int8.pt").stat().st_size <= 0.35 * (out / "fp32.pt").stat().st_size
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_reported_fake_quant_accuracy_is_the_saved_qat_models(smoke, model, cifar_dir):
+    """The report takes it from the last QAT epoch's evaluation: it must be that of the model saved in qat.pt."""
+    r, out = report_of(smoke, model), smoke[model][0]
+    args = cifar.parse_args(["--model", model, "--test-subset", "300", "--data-dir", str(cifar_dir)])
+    qat = models.create_model(model)
+    models.prepare_quantization(qat, qat=True)
+    qat.load_state_dict(torch.load(out / "qat.pt", weights_only=True))
+    assert r["accuracy"]["qat_fake_quant"] == pytest.approx(utils.accuracy(qat, cifar.load_data(args)["test"]))
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def fitted(request, cifar_dir, tmp_path_factory):
     """The pipeline's own float and QAT stages, fitted to 100 real training images (compared on the same
