@@ -292,7 +292,7 @@ def export_and_verify_onnx(torch_models, data, out, threads):
     info, accuracy, agreement, paths = {}, {}, {}, {}
     for name, (model, torch_preds) in torch_models.items():
         paths[name] = out / f"{name}.onnx"
-        info[name] = utils.export_onnx(model, paths[name])
+        info[name] = utils.export_onnx(models.onnx_exportable(model), paths[name])
         ort_preds = utils.ort_predict(paths[name], data["test"][0], threads)
         accuracy[f"{name}_onnx"] = utils.top1(ort_preds, data["test"][1])
         agreement[f"{name}_onnx_vs_torch"] = utils.top1(ort_preds, torch_preds)

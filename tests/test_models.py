@@ -101,6 +101,31 @@ def test_convert_gives_int8_conv_and_linear(name):
     assert any(isinstance(m, nniqat.ConvBnReLU2d) for m in model.modules())  # the QAT model is untouched
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_int8_biases_sit_on_the_int32_grid_and_the_export_copy_truncates_to_it(name):
+    model = models.create_model(name)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # fresh BN folds to zero biases
+        nn.init.uniform_(bn.bias, -1, 1)
+    model = models.prepare_quantization(model, qat=True)
+    model(torch.randn(8, 3, 32, 32))
+    int8 = models.convert_int8(model)
+    modules, exported = dict(int8.named_modules()), dict(models.onnx_exportable(int8).named_modules())
+    input_scale = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: input_scale.__setitem__(n, args[0].q_scale()))
+             for n, m in modules.items() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
+    int8(torch.randn(1, 3, 32, 32))
+    [h.remove() for h in hooks]
+    assert len(input_scale) > 10
+    for n, scale in input_scale.items():
+        step = scale * modules[n].weight().q_per_channel_scales()
+        q, moved = modules[n].bias().double() / step, exported[n].bias().double() / step
+        assert torch.allclose(q, q.round(), atol=0.05)  # integers (to float32 precision), as ONNX's int32 bias
+        assert torch.equal(moved.trunc(), q.round())  # the exporter truncates: it lands on the same integers
+        # the export copy sits a quarter step off the grid (on it for a zero bias)
+        assert torch.allclose((moved - q).abs(), 0.25 * (q.round() != 0).double(), atol=0.05)
+    assert all((modules[n].bias() != 0).any() for n in input_scale if isinstance(modules[n], nnq.Conv2d))
+
+
 def test_ptq_uses_eval_fusion_with_the_same_qconfig_family():
     model = models.prepare_quantization(models.create_model("mobilenet_v2").eval(), qat=False)
     assert not model.training
