@@ -15,7 +15,7 @@ ENGINE = "fbgemm"
 ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
 # Per-model training defaults (cifar.py --help shows them; the command line overrides them). The epochs are
 # what fits the whole default run in 45 (MobileNetV2) / 60 (ResNet18) minutes on 2 CPU cores at their usual pace
-# (README, measured: 34-47 / 52-56 minutes; the machine's pace drifts by up to 1.5x).
+# (README, measured: 34-47 / 41-56 minutes; the machine's pace drifts by up to 1.5x).
 DEFAULTS = {
     "mobilenet_v2": dict(epochs=9, lr=0.05, weight_decay=5e-4),
     "resnet18": dict(epochs=10, lr=0.1, weight_decay=5e-4),
