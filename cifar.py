@@ -53,7 +53,8 @@ def get_args_parser():
     p.add_argument("--test-subset", type=int, default=0, help="test on a class-balanced subset (0: all)")
     g = p.add_argument_group("float training")
     g.add_argument("--epochs", type=int, default=None, help=f"default: {per_model('epochs')}")
-    g.add_argument("--batch-size", type=int, default=128, help="training batch size (float and QAT)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"training batch size (float and QAT); default: {per_model('batch_size')}")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default: {per_model('lr')}")
     g.add_argument("--weight-decay", type=float, default=None, help=f"default: {per_model('weight_decay')}")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov)")
