@@ -3,7 +3,8 @@
 seed: per-sample torchvision transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize)
       through a DataLoader with 2 workers, NCHW, eager, SGD.
 ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation, channels_last, SGD.
-Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and batch size.
+Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and the same number of
+images: the seed in batches of 128, ours in cifar.py's default batch for the model (--batch-size to change it).
 
 Everything compared is timed in alternating rounds (--rounds): this machine's speed drifts by 10-30% within
 minutes, and timing one side after the other once made torch.compile look 1.25x faster when it was not.
@@ -80,11 +81,20 @@ def warm_up(train, n):
     return max(first - train(n)[1], 0.0)
 
 
+SEED_BATCH = 128
+
+
+def same_images(train, batch_size):
+    """train(k) for k batches of SEED_BATCH images, whatever batch_size train uses."""
+    return lambda k: train(max(k * SEED_BATCH // batch_size, 1))
+
+
 def levers(args, images, labels):
     """Float training with our recipe, one lever changed at a time, all variants timed in turns."""
     variants = [("ours: channels_last, fp32, eager", {}), ("NCHW instead of channels_last", dict(nchw=True)),
                 ("bf16 autocast", dict(bf16=True)), ("torch.compile", dict(compile=True)),
-                ("batch 64", dict(batch_size=64)), ("batch 256", dict(batch_size=256)), ("1 thread", dict(threads=1))]
+                *[(f"batch {b}", dict(batch_size=b)) for b in (32, 64, 128, 256) if b != args.batch_size],
+                ("1 thread", dict(threads=1))]
     trainers, compile_s = {}, {}
     for name, v in variants:
         threads = v.get("threads", args.threads)
@@ -96,13 +106,12 @@ def levers(args, images, labels):
             model = torch.compile(model)
         bs = v.get("batch_size", args.batch_size)
         train = trainer(model, utils.Batches(images, labels, bs, seed=0, device="cpu"), v.get("bf16", False))
-        # the same number of images for every variant
-        scaled = lambda k, train=train, bs=bs: train(max(k * args.batch_size // bs, 1))
+        scaled = same_images(train, bs)  # the same number of images for every variant
         compile_s[name] = warm_up(scaled, args.warmup)
         trainers[name] = (scaled, threads)
     ips = interleaved(trainers, args.batches, args.rounds)
-    print(f"\n{args.model} float training levers ({args.batches} timed batches of {args.batch_size} images each, "
-          f"in {args.rounds} alternating rounds):")
+    print(f"\n{args.model} float training levers (ours: batch {args.batch_size}; {args.batches} x {SEED_BATCH} "
+          f"timed images each, in {args.rounds} alternating rounds):")
     base = ips[variants[0][0]]
     for name, _ in variants:
         extra = f"  (compile {compile_s[name]:.0f} s)" if name == "torch.compile" else ""
@@ -115,20 +124,21 @@ def main():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="mobilenet_v2", choices=list(models.ARCHS))
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
-    p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    p.add_argument("--batches", type=int, default=40, help=f"timed batches of {SEED_BATCH} images per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first (levers: twice, to time compiling)")
     p.add_argument("--rounds", type=int, default=4, help="rounds the timed batches are split in, all sides in turn")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="ours (default: cifar.py's for --model)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--levers", action="store_true", help="also time float training with one setting changed at a time")
     args = p.parse_args()
+    args.batch_size = args.batch_size or models.DEFAULTS[args.model]["batch_size"]
     torch.set_num_threads(args.threads)
     images, labels = utils.load_split(args.data_dir, train=True)
-    need = (args.batches + 2 * args.warmup) * max(args.batch_size, 256 if args.levers else 0)
+    need = (args.batches + 2 * args.warmup) * max(SEED_BATCH, args.batch_size, 256 if args.levers else 0)
     images, labels = images[:need], labels[:need]
 
     def seed_batches():
-        return torch.utils.data.DataLoader(SeedDataset(images, labels), args.batch_size, shuffle=True,
+        return torch.utils.data.DataLoader(SeedDataset(images, labels), SEED_BATCH, shuffle=True,
                                            num_workers=2, drop_last=True, persistent_workers=True)
 
     def our_batches():
@@ -137,20 +147,21 @@ def main():
     results = {}
     for phase in ("float", "qat"):
         trainers = {}
-        for recipe, batches, layout in (("seed", seed_batches, torch.contiguous_format),
-                                        ("ours", our_batches, torch.channels_last)):
+        for recipe, batches, layout, bs in (("seed", seed_batches, torch.contiguous_format, SEED_BATCH),
+                                            ("ours", our_batches, torch.channels_last, args.batch_size)):
             torch.manual_seed(0)
             model = models.create_model(args.model)
             if phase == "qat":
                 models.prepare_quantization(model, qat=True)
             model.to(memory_format=layout)
-            train = trainer(model, batches())
+            train = same_images(trainer(model, batches()), bs)
             train(args.warmup)
             trainers[recipe] = (train, args.threads)
         for recipe, ips in interleaved(trainers, args.batches, args.rounds).items():
             results[phase, recipe] = ips
             print(f"{args.model} {phase:5s} {recipe:4s}: {ips:7.1f} img/s", flush=True)
-    print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, {args.batches} timed batches in "
+    print(f"\n{args.model}, batch {SEED_BATCH} (seed) / {args.batch_size} (ours), {args.threads} threads, "
+          f"{args.batches} x {SEED_BATCH} timed images in "
           f"{args.rounds} alternating rounds after {args.warmup} warm-up, torch {torch.__version__}")
     for phase in ("float", "qat"):
         ratio = results[phase, "ours"] / results[phase, "seed"]
