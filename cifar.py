@@ -92,7 +92,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.qat_lr is None:
         args.qat_lr = args.lr / 100
-    checks = [("--epochs", args.epochs >= 0), ("--qat-epochs", args.qat_epochs >= 0),
+    checks = [("--epochs", args.epochs >= 1), ("--qat-epochs", args.qat_epochs >= 0),
               ("--qat-batches", args.qat_batches >= 0),
               ("--batch-size", args.batch_size >= 1), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
               ("--weight-decay", args.weight_decay >= 0), ("--momentum", 0 <= args.momentum < 1),

@@ -3,6 +3,7 @@ import copy
 import warnings
 
 import torch
+import torch.nn as nn
 import torch.ao.nn.quantized as nnq
 from torch.ao import quantization as tq
 from torchvision.models import quantization as qmodels
@@ -35,6 +36,15 @@ CIFAR_STRIDE_ONE = {
 }
 
 
+# Every residual block starts as the identity, its last BN's weight at zero (torchvision's zero_init_residual
+# for ResNet): the signal crosses the whole depth from the first step. After 6 epochs on 20,000 training images,
+# scored on 5,000 other training images: MobileNetV2 0.635 against 0.615, ResNet18 0.659 against 0.644.
+RESIDUAL_LAST_BN = {
+    "mobilenet_v2": lambda m: [b.conv[-1] for b in m.features if getattr(b, "use_res_connect", False)],
+    "resnet18": lambda m: [b.bn2 for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer],
+}
+
+
 def create_model(name, num_classes=10):
     """The quantizable class (QuantStub/DeQuantStub, fuse_model) with random weights and CIFAR strides.
 
@@ -45,6 +55,8 @@ def create_model(name, num_classes=10):
     model = ARCHS[name](weights=None, quantize=False, num_classes=num_classes)
     for conv in CIFAR_STRIDE_ONE[name](model):
         conv.stride = (1, 1)
+    for bn in RESIDUAL_LAST_BN[name](model):
+        nn.init.zeros_(bn.weight)
     return model
 
 

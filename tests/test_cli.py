@@ -16,6 +16,7 @@ def assert_one_line_error(proc, *fragments):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--epochs", "-1"], "--epochs"),
+    (["--epochs", "0"], "--epochs"),  # an untrained model has zero residual BN weights: QAT divides by them
     (["--batch-size", "0"], "--batch-size"),
     (["--qat-epochs", "-2"], "--qat-epochs"),
     (["--qat-batches", "-1"], "--qat-batches"),

@@ -9,6 +9,7 @@ import torch.ao.nn.intrinsic.qat as nniqat
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 import models
 import utils
@@ -37,6 +38,20 @@ def test_mobilenet_v2_last_blocks_see_a_4x4_map_of_a_32x32_image():
             m.register_forward_hook(lambda mod, inputs, out: sizes.append(tuple(out.shape[-2:])))
     model(torch.randn(1, 3, 32, 32))
     assert sizes[-1] == (4, 4) and min(sizes) == (4, 4)  # ImageNet strides would end at 1x1
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_residual_blocks_start_as_the_identity(name):
+    torch.manual_seed(0)
+    model = models.create_model(name).eval()
+    blocks = [m for m in model.modules()
+              if getattr(m, "use_res_connect", False) or (isinstance(m, BasicBlock) and m.downsample is None)]
+    assert len(blocks) == {"mobilenet_v2": 10, "resnet18": 5}[name]
+    for block in blocks:
+        channels = block.conv[0][0].in_channels if name == "mobilenet_v2" else block.conv1.in_channels
+        x = torch.randn(2, channels, 4, 4)
+        with torch.no_grad():  # the residual branch adds exactly zero (ResNet's block ends in a ReLU)
+            assert torch.equal(block(x), x if name == "mobilenet_v2" else torch.relu(x))
 
 
 def test_unknown_model_names_the_choices():
@@ -106,6 +121,7 @@ def test_int8_biases_sit_on_the_int32_grid_and_the_export_copy_truncates_to_it(n
     model = models.create_model(name)
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # fresh BN folds to zero biases
         nn.init.uniform_(bn.bias, -1, 1)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)  # as after training: QAT's ConvBn divides by BN weights
     model = models.prepare_quantization(model, qat=True)
     model(torch.randn(8, 3, 32, 32))
     int8 = models.convert_int8(model)
