@@ -46,7 +46,7 @@ RESIDUAL_LAST_BN = {
 
 
 def create_model(name, num_classes=10):
-    """The quantizable class (QuantStub/DeQuantStub, fuse_model) with random weights and CIFAR strides.
+    """The quantizable class (QuantStub/DeQuantStub, fuse_model): random weights, CIFAR strides, identity residuals.
 
     The float model is this same class, so its state_dict loads into the QAT model without remapping.
     """
