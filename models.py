@@ -19,10 +19,11 @@ ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
 # (README, measured: 34-47 / 41-56 minutes; the machine's pace drifts by up to 1.5x). MobileNetV2 trains in
 # batches of 64: +4.5 points over 128 at the same peak LR and the same time per epoch (6 epochs on 20,000 training
 # images, scored on 5,000 other training images: 0.615 vs 0.569; 64 at LR 0.025 gave 0.580, 64 at 0.1 and 32
-# at 0.05 no more).
+# at 0.05 no more). Its random crops pad by 2 pixels instead of 4: a milder augmentation suits 9 epochs (same probe,
+# with zero-initialised residual blocks: 0.655 against 0.635).
 DEFAULTS = {
-    "mobilenet_v2": dict(epochs=9, batch_size=64, lr=0.05, weight_decay=5e-4),
-    "resnet18": dict(epochs=10, batch_size=128, lr=0.1, weight_decay=5e-4),
+    "mobilenet_v2": dict(epochs=9, batch_size=64, lr=0.05, weight_decay=5e-4, crop_padding=2),
+    "resnet18": dict(epochs=10, batch_size=128, lr=0.1, weight_decay=5e-4, crop_padding=4),
 }
 
 

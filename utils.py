@@ -168,11 +168,11 @@ def normalize(images):
     return TF.normalize(x, MEAN, STD)
 
 
-def augment(images, generator):
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip for a whole uint8 NHWC batch at once."""
+def augment(images, generator, padding=4):
+    """RandomCrop(32, padding) + RandomHorizontalFlip for a whole uint8 NHWC batch at once."""
     n = images.shape[0]
-    padded = F.pad(images, (0, 0, 4, 4, 4, 4))  # zero padding of H and W, as RandomCrop does
-    top, left = torch.randint(0, 9, (2, n, 1), generator=generator).to(images.device)
+    padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # zero padding of H and W, as RandomCrop
+    top, left = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator).to(images.device)
     flip = (torch.rand(n, 1, generator=generator) < 0.5).to(images.device)
     steps = torch.arange(32, device=images.device)
     rows = top + steps
@@ -184,12 +184,13 @@ class Batches:
     """Shuffled, augmented training batches from uint8 tensors kept on the training device.
 
     Epoch e draws its order and augmentation from seed + e, so runs (and resumed runs) are repeatable.
-    max_batches > 0 ends each epoch after that many batches (a different random part of the data each epoch).
+    max_batches > 0 ends each epoch after that many batches (a different random part of the data each epoch);
+    padding: the random crop's padding (augment).
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, max_batches=0):
+    def __init__(self, images, labels, batch_size, seed, device, max_batches=0, padding=4):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed, self.max_batches = batch_size, seed, max_batches
+        self.batch_size, self.seed, self.max_batches, self.padding = batch_size, seed, max_batches, padding
         self.epoch, self.data_seconds = 0, 0.0  # a resumed run sets epoch to the epochs already done
 
     def __len__(self):
@@ -202,7 +203,7 @@ class Batches:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             t = time.perf_counter()
             idx = order[start:start + self.batch_size]
-            x = normalize(augment(self.images[idx], g))
+            x = normalize(augment(self.images[idx], g, self.padding))
             self.data_seconds += time.perf_counter() - t
             yield x, self.labels[idx]
         self.epoch += 1

@@ -21,6 +21,7 @@ def assert_one_line_error(proc, *fragments):
     (["--qat-epochs", "-2"], "--qat-epochs"),
     (["--qat-batches", "-1"], "--qat-batches"),
     (["--lr", "0"], "--lr"),
+    (["--crop-padding", "-1"], "--crop-padding"),
     (["--model", "vgg16"], "invalid choice"),
     (["--epochs", "ten"], "invalid int"),
     (["--bench-batch-sizes", "0"], "--bench-batch-sizes"),

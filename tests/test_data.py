@@ -76,19 +76,23 @@ def test_balanced_subset_is_balanced_and_seeded():
     assert not torch.equal(idx, utils.balanced_subset(labels, 95, seed=4))
 
 
-def test_augment_is_a_padded_crop_or_its_mirror():
+@pytest.mark.parametrize("padding", [0, 2, 4])
+def test_augment_is_a_padded_crop_or_its_mirror(padding):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
-    out = utils.augment(images, g)
+    out = utils.augment(images, g, padding)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (4, 4, 4, 4)).permute(0, 2, 3, 1)
-    flips = 0
+    p = padding
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (p, p, p, p)).permute(0, 2, 3, 1)
+    flips, offsets = 0, set()
     for n in range(64):
-        windows = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
+        windows = [(t, l, f) for t in range(2 * p + 1) for l in range(2 * p + 1) for f in (False, True)
                    if torch.equal(out[n], (lambda w: w.flip(1) if f else w)(padded[n, t:t + 32, l:l + 32]))]
         assert windows, f"sample {n} is not a crop of its padded image"
         flips += windows[0][2]
+        offsets.add(windows[0][:2])
     assert 10 < flips < 54  # about half are mirrored
+    assert len(offsets) > min(10, 2 * p)  # the crop moves over the whole padded range
 
 
 def test_normalize_gives_normalised_nchw_floats():
