@@ -16,7 +16,7 @@ ENGINE = "fbgemm"
 ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
 # Per-model training defaults (cifar.py --help shows them; the command line overrides them). The epochs are
 # what fits the whole default run in 45 (MobileNetV2) / 60 (ResNet18) minutes on 2 CPU cores at their usual pace
-# (README, measured: 34-47 / 41-56 minutes; the machine's pace drifts by up to 1.5x). MobileNetV2 trains in
+# (README, measured: 34-47 / 41-59 minutes; the machine's pace drifts by up to 1.5x). MobileNetV2 trains in
 # batches of 64: +4.5 points over 128 at the same peak LR and the same time per epoch (6 epochs on 20,000 training
 # images, scored on 5,000 other training images: 0.615 vs 0.569; 64 at LR 0.025 gave 0.580, 64 at 0.1 and 32
 # at 0.05 no more). Its random crops pad by 2 pixels instead of 4: a milder augmentation suits 9 epochs (same probe,
