@@ -64,9 +64,9 @@ def test_int8_torchscript_runs_without_project_code(smoke, model, real_images):
     x = utils.normalize(real_images[0][:16])
     torch.save(x, out / "x.pt")
     # A fresh process starts on torch's default engine ("x86"), which on AVX512-VNNI CPUs rounds a few outputs
-    # differently from fbgemm, the engine the model was checked with: set it before loading, as the README says.
-    code = ("import sys, torch; torch.backends.quantized.engine = 'fbgemm'; m = torch.jit.load(sys.argv[1]);"
-            "x = torch.load(sys.argv[2]);"
+    # differently from models.ENGINE, the one the model was checked with: set it before loading, as the README says.
+    code = (f"import sys, torch; torch.backends.quantized.engine = '{models.ENGINE}';"
+            "m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]);"
             "y = m(x); torch.save(y, sys.argv[3]); print(sorted(k for k in sys.modules if k in "
             "('models', 'utils', 'cifar')))")
     proc = subprocess.run([sys.executable, "-c", code, out / "int8.pt", out / "x.pt", out / "y.pt"],
@@ -75,6 +75,7 @@ def test_int8_torchscript_runs_without_project_code(smoke, model, real_images):
     assert proc.stdout.strip() == "[]"
     y = torch.load(out / "y.pt")
     assert y.shape == (16, 10) and y.dtype == torch.float32
+    torch.backends.quantized.engine = models.ENGINE  # this process too, whichever tests ran before
     torch.testing.assert_close(y, torch.jit.load(out / "int8.pt")(x))
     assert (out / "int8.pt").stat().st_size <= 0.35 * (out / "fp32.pt").stat().st_size
 
