@@ -62,6 +62,8 @@ def get_args_parser():
     g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     g.add_argument("--crop-padding", type=int, default=None,
                    help=f"random-crop padding in pixels (float and QAT); default: {per_model('crop_padding')}")
+    g.add_argument("--cutout", type=int, default=None,
+                   help=f"side in pixels of the Cutout square (float and QAT; 0: none); default: {per_model('cutout')}")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
@@ -99,7 +101,7 @@ def parse_args(argv=None):
               ("--batch-size", args.batch_size >= 1), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
               ("--weight-decay", args.weight_decay >= 0), ("--momentum", 0 <= args.momentum < 1),
               ("--warmup-pct", 0 < args.warmup_pct < 1), ("--label-smoothing", 0 <= args.label_smoothing < 1),
-              ("--crop-padding", 0 <= args.crop_padding <= 16),
+              ("--crop-padding", 0 <= args.crop_padding <= 16), ("--cutout", 0 <= args.cutout <= 32),
               ("--threads", args.threads >= 1), ("--train-subset", args.train_subset >= 0),
               ("--test-subset", args.test_subset >= 0), ("--ptq-batches", args.ptq_batches >= 1),
               ("--bench-runs", args.bench_runs >= 1), ("--bench-warmup", args.bench_warmup >= 0),
@@ -142,7 +144,7 @@ def load_data(args):
 # The settings each training stage depends on: a checkpoint is reused only when they match.
 STAGE_SETTINGS = {
     "fp32": ("model", "seed", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_pct",
-             "label_smoothing", "crop_padding", "train_subset", "float_checkpoint"),
+             "label_smoothing", "crop_padding", "cutout", "train_subset", "float_checkpoint"),
     "qat": ("qat_epochs", "qat_batches", "qat_lr", "qat_freeze_observer_after", "qat_freeze_bn_after"),
 }
 
@@ -232,7 +234,8 @@ def train_float(args, data, device, out, ckpt=None):
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)
-    batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, padding=args.crop_padding)
+    batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, padding=args.crop_padding,
+                            cutout=args.cutout)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, pct_start=args.warmup_pct,
                                                     total_steps=max(args.epochs * len(batches), 1))
     history = fit(model, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt)
@@ -252,7 +255,7 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=args.qat_batches,
-                            padding=args.crop_padding)
+                            padding=args.crop_padding, cutout=args.cutout)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.qat_epochs * len(batches), 1))
 
     def before_epoch(epoch):

@@ -168,8 +168,12 @@ def normalize(images):
     return TF.normalize(x, MEAN, STD)
 
 
-def augment(images, generator, padding=4):
-    """RandomCrop(32, padding) + RandomHorizontalFlip for a whole uint8 NHWC batch at once."""
+def augment(images, generator, padding=4, cutout=0):
+    """RandomCrop(32, padding) + RandomHorizontalFlip (+ Cutout) for a whole uint8 NHWC batch at once.
+
+    cutout > 0: a cutout x cutout square at a random centre (it may reach past the border) is set to the mean
+    colour, which normalize() turns into zeros (DeVries & Taylor, 2017).
+    """
     n = images.shape[0]
     padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # zero padding of H and W, as RandomCrop
     top, left = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator).to(images.device)
@@ -177,7 +181,14 @@ def augment(images, generator, padding=4):
     steps = torch.arange(32, device=images.device)
     rows = top + steps
     cols = torch.where(flip, left + 31 - steps, left + steps)
-    return padded[torch.arange(n, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    out = padded[torch.arange(n, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if cutout:
+        low = torch.randint(0, 32, (2, n, 1), generator=generator).to(images.device) - cutout // 2
+        inside = (steps >= low) & (steps < low + cutout)  # (2, n, 32): rows, cols of each image's square
+        square = inside[0][:, :, None] & inside[1][:, None, :]
+        mean = torch.tensor([round(255 * m) for m in MEAN], dtype=torch.uint8, device=images.device)
+        out = torch.where(square[..., None], mean, out)
+    return out
 
 
 class Batches:
@@ -185,12 +196,13 @@ class Batches:
 
     Epoch e draws its order and augmentation from seed + e, so runs (and resumed runs) are repeatable.
     max_batches > 0 ends each epoch after that many batches (a different random part of the data each epoch);
-    padding: the random crop's padding (augment).
+    padding, cutout: the random crop's padding and the Cutout square's side (augment).
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, max_batches=0, padding=4):
+    def __init__(self, images, labels, batch_size, seed, device, max_batches=0, padding=4, cutout=0):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed, self.max_batches, self.padding = batch_size, seed, max_batches, padding
+        self.batch_size, self.seed, self.max_batches = batch_size, seed, max_batches
+        self.padding, self.cutout = padding, cutout
         self.epoch, self.data_seconds = 0, 0.0  # a resumed run sets epoch to the epochs already done
 
     def __len__(self):
@@ -203,7 +215,7 @@ class Batches:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             t = time.perf_counter()
             idx = order[start:start + self.batch_size]
-            x = normalize(augment(self.images[idx], g, self.padding))
+            x = normalize(augment(self.images[idx], g, self.padding, self.cutout))
             self.data_seconds += time.perf_counter() - t
             yield x, self.labels[idx]
         self.epoch += 1
