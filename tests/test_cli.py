@@ -22,6 +22,7 @@ def assert_one_line_error(proc, *fragments):
     (["--qat-batches", "-1"], "--qat-batches"),
     (["--lr", "0"], "--lr"),
     (["--crop-padding", "-1"], "--crop-padding"),
+    (["--cutout", "33"], "--cutout"),
     (["--model", "vgg16"], "invalid choice"),
     (["--epochs", "ten"], "invalid int"),
     (["--bench-batch-sizes", "0"], "--bench-batch-sizes"),

@@ -95,6 +95,21 @@ def test_augment_is_a_padded_crop_or_its_mirror(padding):
     assert len(offsets) > min(10, 2 * p)  # the crop moves over the whole padded range
 
 
+def test_cutout_paints_one_mean_coloured_square_per_image_over_the_same_crops():
+    images = torch.randint(0, 256, (200, 32, 32, 3), dtype=torch.uint8)
+    plain = utils.augment(images, torch.Generator().manual_seed(0), 2)
+    cut = utils.augment(images, torch.Generator().manual_seed(0), 2, cutout=8)
+    mean = torch.tensor([round(255 * m) for m in utils.MEAN], dtype=torch.uint8)
+    changed = (cut != plain).any(-1)  # (200, 32, 32)
+    square = (cut == mean).all(-1) & ~(plain == mean).all(-1)
+    assert torch.equal(changed, square)  # only the square changes, and it holds the mean colour
+    rows, cols = square.any(2).sum(1), square.any(1).sum(1)
+    assert torch.equal(rows * cols, square.sum((1, 2)))  # one rectangle per image
+    assert rows.max() == cols.max() == 8 and rows.min() >= 4  # 8 x 8, cut by the border at most to 4
+    assert (square.sum((1, 2)) == 64).float().mean() > 0.5
+    assert utils.normalize(mean.expand(1, 32, 32, 3)).abs().max() < 0.01  # ~0 after normalising (1 step: 0.016)
+
+
 def test_normalize_gives_normalised_nchw_floats():
     images = torch.full((4, 32, 32, 3), 255, dtype=torch.uint8)
     x = utils.normalize(images)
