@@ -2,7 +2,8 @@
 
 seed: per-sample torchvision transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize)
       through a DataLoader with 2 workers, NCHW, eager, SGD.
-ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation, channels_last, SGD.
+ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation (with the model's crop padding and
+      Cutout), channels_last, SGD.
 Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and the same number of
 images: the seed in batches of 128, ours in cifar.py's default batch for the model (--batch-size to change it).
 
@@ -141,8 +142,10 @@ def main():
         return torch.utils.data.DataLoader(SeedDataset(images, labels), SEED_BATCH, shuffle=True,
                                            num_workers=2, drop_last=True, persistent_workers=True)
 
-    def our_batches():
-        return utils.Batches(images, labels, args.batch_size, seed=0, device="cpu")
+    def our_batches():  # cifar.py's augmentation for the model: crop padding and Cutout
+        d = models.DEFAULTS[args.model]
+        return utils.Batches(images, labels, args.batch_size, seed=0, device="cpu", padding=d["crop_padding"],
+                             cutout=d["cutout"])
 
     results = {}
     for phase in ("float", "qat"):
