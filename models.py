@@ -14,17 +14,16 @@ warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 
 ENGINE = "fbgemm"
 ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
-# Per-model training defaults (cifar.py --help shows them; the command line overrides them). The epochs are
-# chosen for the project's machine since 2026-11-26 evening, 2 cores of an AVX512 Intel Xeon: the whole default
-# run takes 25 minutes for MobileNetV2 and 48 for ResNet18 there (targets 45 / 60; README). On 2 AVX2 cores (the
-# AMD EPYC of earlier runs) training was 1.7-2.3x (MobileNetV2) and 3.1-4.6x (ResNet18) slower: use --epochs 9
-# (MobileNetV2) / 10 (ResNet18) there to stay within 45 / 60 minutes. ResNet18 overfits in its long run (train
-# 0.914 against test 0.844 after 35 epochs): an 8x8 Cutout square gave 0.8490 against 0.8441 in the same 35
-# epochs, and 0.8507 in 40 (full runs, test split). MobileNetV2 trains in
-# batches of 64: +4.5 points over 128 at the same peak LR and the same time per epoch (6 epochs on 20,000 training
-# images, scored on 5,000 other training images: 0.615 vs 0.569; 64 at LR 0.025 gave 0.580, 64 at 0.1 and 32
-# at 0.05 no more). Its random crops pad by 2 pixels instead of 4: a milder augmentation suits short training (same
-# probe, with zero-initialised residual blocks: 0.655 against 0.635).
+# Per-model training defaults (cifar.py --help shows them; the command line overrides them). The epochs are chosen for
+# the project's machine since 2026-11-26 evening, 2 cores of an AVX512 Intel Xeon: the whole default run takes 25
+# minutes for MobileNetV2 and 48 for ResNet18 there (targets 45 / 60; README). On 2 AVX2 cores (the AMD EPYC of earlier
+# runs) training was 1.7-2.3x (MobileNetV2) and 3.1-4.6x (ResNet18) slower: use --epochs 9 (MobileNetV2) / --epochs 10
+# --cutout 0 (ResNet18) there to stay within 45 / 60 minutes. ResNet18 overfits in its long run (train 0.914 against
+# test 0.844 after 35 epochs): an 8x8 Cutout square gave 0.8490 against 0.8441 in the same 35 epochs, and 0.8507 in 40
+# (full runs, test split). MobileNetV2 trains in batches of 64: +4.5 points over 128 at the same peak LR and the same
+# time per epoch (6 epochs on 20,000 training images, scored on 5,000 other training images: 0.615 vs 0.569; 64 at LR
+# 0.025 gave 0.580, 64 at 0.1 and 32 at 0.05 no more). Its random crops pad by 2 pixels instead of 4: a milder
+# augmentation suits short training (same probe, with zero-initialised residual blocks: 0.655 against 0.635).
 DEFAULTS = {
     "mobilenet_v2": dict(epochs=12, batch_size=64, lr=0.05, weight_decay=5e-4, crop_padding=2, cutout=0),
     "resnet18": dict(epochs=40, batch_size=128, lr=0.1, weight_decay=5e-4, crop_padding=4, cutout=8),
