@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MEAN_UINT8 = tuple(round(255 * m) for m in MEAN)  # the colour Cutout paints: zero after normalize()
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_qat"
 
 
@@ -186,8 +187,7 @@ def augment(images, generator, padding=4, cutout=0):
         low = torch.randint(0, 32, (2, n, 1), generator=generator).to(images.device) - cutout // 2
         inside = (steps >= low) & (steps < low + cutout)  # (2, n, 32): rows, cols of each image's square
         square = inside[0][:, :, None] & inside[1][:, None, :]
-        mean = torch.tensor([round(255 * m) for m in MEAN], dtype=torch.uint8, device=images.device)
-        out = torch.where(square[..., None], mean, out)
+        out = torch.where(square[..., None], torch.tensor(MEAN_UINT8, dtype=torch.uint8, device=images.device), out)
     return out
 
 

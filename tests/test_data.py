@@ -99,7 +99,7 @@ def test_cutout_paints_one_mean_coloured_square_per_image_over_the_same_crops():
     images = torch.randint(0, 256, (200, 32, 32, 3), dtype=torch.uint8)
     plain = utils.augment(images, torch.Generator().manual_seed(0), 2)
     cut = utils.augment(images, torch.Generator().manual_seed(0), 2, cutout=8)
-    mean = torch.tensor([round(255 * m) for m in utils.MEAN], dtype=torch.uint8)
+    mean = torch.tensor(utils.MEAN_UINT8, dtype=torch.uint8)
     changed = (cut != plain).any(-1)  # (200, 32, 32)
     square = (cut == mean).all(-1) & ~(plain == mean).all(-1)
     assert torch.equal(changed, square)  # only the square changes, and it holds the mean colour
