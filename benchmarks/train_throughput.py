@@ -4,6 +4,7 @@ seed: per-sample torchvision transforms (RandomCrop(32, padding=4), RandomHorizo
       through a DataLoader with 2 workers, NCHW, eager, SGD.
 ours: cifar.py's path: decoded uint8 tensors, batched tensor augmentation (with the model's crop padding and
       Cutout), channels_last, SGD.
+ours, no data: ours on one batch over and over, no data handling at all: the ceiling of any faster data pipeline.
 Both run float training and QAT fine-tuning (the same fusion and qconfig) on the same model and the same number of
 images: the seed in batches of 128, ours in cifar.py's default batch for the model (--batch-size to change it).
 
@@ -13,6 +14,7 @@ minutes, and timing one side after the other once made torch.compile look 1.25x 
     python benchmarks/train_throughput.py --model mobilenet_v2 --batches 40 [--levers]
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -151,7 +153,9 @@ def main():
     for phase in ("float", "qat"):
         trainers = {}
         for recipe, batches, layout, bs in (("seed", seed_batches, torch.contiguous_format, SEED_BATCH),
-                                            ("ours", our_batches, torch.channels_last, args.batch_size)):
+                                            ("ours", our_batches, torch.channels_last, args.batch_size),
+                                            ("ours, no data", lambda: itertools.repeat(next(iter(our_batches()))),
+                                             torch.channels_last, args.batch_size)):
             torch.manual_seed(0)
             model = models.create_model(args.model)
             if phase == "qat":
@@ -162,14 +166,14 @@ def main():
             trainers[recipe] = (train, args.threads)
         for recipe, ips in interleaved(trainers, args.batches, args.rounds).items():
             results[phase, recipe] = ips
-            print(f"{args.model} {phase:5s} {recipe:4s}: {ips:7.1f} img/s", flush=True)
+            print(f"{args.model} {phase:5s} {recipe:13s}: {ips:7.1f} img/s", flush=True)
     print(f"\n{args.model}, batch {SEED_BATCH} (seed) / {args.batch_size} (ours), {args.threads} threads, "
           f"{args.batches} x {SEED_BATCH} timed images in "
           f"{args.rounds} alternating rounds after {args.warmup} warm-up, torch {torch.__version__}")
     for phase in ("float", "qat"):
-        ratio = results[phase, "ours"] / results[phase, "seed"]
-        print(f"{phase:5s}: seed {results[phase, 'seed']:.1f} img/s, ours {results[phase, 'ours']:.1f} img/s, "
-              f"ratio {ratio:.2f}x")
+        seed, ours, ceiling = (results[phase, r] for r in ("seed", "ours", "ours, no data"))
+        print(f"{phase:5s}: seed {seed:.1f} img/s, ours {ours:.1f} img/s, ratio {ours / seed:.2f}x "
+              f"(no data handling: {ceiling:.1f} img/s, {ceiling / seed:.2f}x)")
     if args.levers:
         levers(args, images, labels)
 
