@@ -92,6 +92,13 @@ def same_images(train, batch_size):
     return lambda k: train(max(k * SEED_BATCH // batch_size, 1))
 
 
+def our_batches(model_name, images, labels, batch_size):
+    """cifar.py's training batches for the model: its crop padding and Cutout."""
+    d = models.DEFAULTS[model_name]
+    return utils.Batches(images, labels, batch_size, seed=0, device="cpu", padding=d["crop_padding"],
+                         cutout=d["cutout"])
+
+
 def levers(args, images, labels):
     """Float training with our recipe, one lever changed at a time, all variants timed in turns."""
     variants = [("ours: channels_last, fp32, eager", {}), ("NCHW instead of channels_last", dict(nchw=True)),
@@ -108,7 +115,7 @@ def levers(args, images, labels):
         if v.get("compile"):
             model = torch.compile(model)
         bs = v.get("batch_size", args.batch_size)
-        train = trainer(model, utils.Batches(images, labels, bs, seed=0, device="cpu"), v.get("bf16", False))
+        train = trainer(model, our_batches(args.model, images, labels, bs), v.get("bf16", False))
         scaled = same_images(train, bs)  # the same number of images for every variant
         compile_s[name] = warm_up(scaled, args.warmup)
         trainers[name] = (scaled, threads)
@@ -144,17 +151,15 @@ def main():
         return torch.utils.data.DataLoader(SeedDataset(images, labels), SEED_BATCH, shuffle=True,
                                            num_workers=2, drop_last=True, persistent_workers=True)
 
-    def our_batches():  # cifar.py's augmentation for the model: crop padding and Cutout
-        d = models.DEFAULTS[args.model]
-        return utils.Batches(images, labels, args.batch_size, seed=0, device="cpu", padding=d["crop_padding"],
-                             cutout=d["cutout"])
+    def ours():
+        return our_batches(args.model, images, labels, args.batch_size)
 
     results = {}
     for phase in ("float", "qat"):
         trainers = {}
         for recipe, batches, layout, bs in (("seed", seed_batches, torch.contiguous_format, SEED_BATCH),
-                                            ("ours", our_batches, torch.channels_last, args.batch_size),
-                                            ("ours, no data", lambda: itertools.repeat(next(iter(our_batches()))),
+                                            ("ours", ours, torch.channels_last, args.batch_size),
+                                            ("ours, no data", lambda: itertools.repeat(next(iter(ours()))),
                                              torch.channels_last, args.batch_size)):
             torch.manual_seed(0)
             model = models.create_model(args.model)
