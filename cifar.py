@@ -9,6 +9,7 @@ float training -> fuse + fbgemm QAT fine-tuning -> int8 (TorchScript) -> PTQ bas
 import argparse
 import copy
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def get_args_parser():
     g.add_argument("--cutout", type=int, default=None,
                    help=f"side in pixels of the Cutout square (float and QAT; 0: none); default: {per_model('cutout')}")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
+    p.add_argument("--debug", action="store_true", default=bool(os.environ.get("CIFAR_QAT_DEBUG")),
+                   help="show the full traceback of a failure instead of one line (or set CIFAR_QAT_DEBUG=1)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
     g = p.add_argument_group("quantization")
@@ -198,12 +201,17 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
         history, done = [h for h in resume["history"] if h["stage"] == stage], resume["epoch"]
     batches.epoch = done
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    guard = utils.LossGuard()
     for epoch in range(done + 1, epochs + 1):
         if before_epoch:
             before_epoch(epoch)
         start = time.perf_counter()
-        loss, train_acc, ips, data_share = utils.train_one_epoch(
-            model, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}")
+        try:
+            loss, train_acc, ips, data_share = utils.train_one_epoch(
+                model, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}", guard)
+        except utils.Diverged as e:  # checkpoint.pt keeps the last finished epoch
+            raise utils.Diverged(f"{stage} training diverged in epoch {epoch}/{epochs}: {e}; "
+                                 f"{divergence_hint(args, stage)}") from None
         if stage == "qat":  # evaluate without letting test images move the quantization ranges
             model.apply(tq.disable_observer)
         test_acc = utils.accuracy(model, data["test"], device)
@@ -216,6 +224,12 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
     return history
+
+
+def divergence_hint(args, stage):
+    if stage == "fp32":
+        return f"try a lower --lr (now {args.lr:g}) or check the data"
+    return f"try a lower --qat-lr (now {args.qat_lr:g}); with --resume the float training is kept"
 
 
 def train_float(args, data, device, out, ckpt=None):
@@ -280,30 +294,31 @@ def calibrate_ptq(fp32_model, data, args):
     with torch.no_grad():
         for i in range(0, min(args.ptq_batches * args.batch_size, len(images)), args.batch_size):
             model(utils.normalize(images[order[i:i + args.batch_size]]))
-    return models.convert_int8(model)
+    int8_model = models.convert_int8(model)
+    utils.check_finite(int8_model, "the PTQ int8 model", "check the float model and the data")
+    return int8_model
 
 
-def quantize_int8(qat_model, out):
-    """Convert the QAT model to int8 on the CPU; save it as TorchScript (int8.pt) and the QAT state_dict."""
+def quantize_int8(qat_model, args):
+    """Convert the QAT model to int8 on the CPU; returns the eager int8 model and its TorchScript form."""
+    utils.check_finite(qat_model, "the QAT model", divergence_hint(args, "qat"))
     int8_model = models.convert_int8(qat_model)
-    int8_ts = models.to_torchscript(int8_model)
-    utils.atomic_write(out / "int8.pt", lambda p: torch.jit.save(int8_ts, p))
-    utils.torch_save(qat_model.state_dict(), out / "qat.pt")
-    return int8_model, int8_ts
+    return int8_model, models.to_torchscript(int8_model)
 
 
 def export_and_verify_onnx(torch_models, data, out, threads):
-    """Export each model to ONNX (checked, simplified) and run it in ONNX Runtime over the test set.
+    """Export each model to ONNX (checked, simplified), run it in ONNX Runtime over the test set, then save it.
 
     torch_models: {name: (eager model, its test-set predictions)}. Returns (report entries, paths).
     """
     info, accuracy, agreement, paths = {}, {}, {}, {}
     for name, (model, torch_preds) in torch_models.items():
-        paths[name] = out / f"{name}.onnx"
-        info[name] = utils.export_onnx(models.onnx_exportable(model), paths[name])
-        ort_preds = utils.ort_predict(paths[name], data["test"][0], threads)
+        graph, info[name] = utils.export_onnx(models.onnx_exportable(model), f"{name}.onnx")
+        ort_preds = utils.ort_predict(graph, data["test"][0], threads)
         accuracy[f"{name}_onnx"] = utils.top1(ort_preds, data["test"][1])
         agreement[f"{name}_onnx_vs_torch"] = utils.top1(ort_preds, torch_preds)
+        paths[name] = out / f"{name}.onnx"
+        utils.save_onnx(graph, paths[name])
     return dict(onnx=info, accuracy=accuracy, agreement=agreement), paths
 
 
@@ -356,28 +371,19 @@ def benchmark_latency(fp32_model, int8_ts, onnx_paths, args):
     return latency, speedup, fp32_form
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
+    """The pipeline, stage by stage; the stage names are the keys of report.json's "seconds"."""
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = models.ENGINE
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     out = check_out_dir(args)
     ckpt = load_checkpoint(args, out)
-    seconds, tick = {}, time.perf_counter()
-
-    def lap(stage):
-        nonlocal tick
-        seconds[stage] = time.perf_counter() - tick
-        tick = time.perf_counter()
-
-    data = load_data(args)
-    lap("data")
-    test_images, test_labels = data["test"]
+    stages = utils.Stages()
     report = dict(model=args.model, epochs=0 if args.float_checkpoint else args.epochs, qat_epochs=args.qat_epochs,
                   device=str(device), args=vars(args), environment=utils.environment(args.threads),
                   accuracy={}, agreement={}, train_images_per_s={}, data_share={}, model_size_bytes={},
-                  seconds=seconds, history=[], artifacts={})
+                  seconds=stages.seconds, history=[], artifacts={})
 
     def record_training(stage, history):
         report["history"] += history
@@ -385,66 +391,86 @@ def main(argv=None):
             report["train_images_per_s"][stage] = sum(r["images_per_s"] for r in history) / len(history)
             report["data_share"][stage] = sum(r["data_share"] for r in history) / len(history)
 
-    # 1. float training
-    fp32_model, fp32_history = train_float(args, data, device, out, ckpt)
-    utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
-    fp32_preds = utils.predict(fp32_model, test_images)
-    record_training("fp32", fp32_history)
-    report["accuracy"]["fp32"] = utils.top1(fp32_preds, test_labels)
-    report["artifacts"]["fp32_state_dict"] = "fp32.pt"
-    lap("fp32_train")
+    with stages("data"):  # 1. data
+        data = load_data(args)
+        test_images, test_labels = data["test"]
+
+    with stages("fp32_train"):  # 2. float training
+        fp32_model, fp32_history = train_float(args, data, device, out, ckpt)
+        utils.check_finite(fp32_model, "the float model", divergence_hint(args, "fp32"))
+        fp32_preds = utils.predict(fp32_model, test_images)
+        utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
+        record_training("fp32", fp32_history)
+        report["accuracy"]["fp32"] = utils.top1(fp32_preds, test_labels)
+        report["artifacts"]["fp32_state_dict"] = "fp32.pt"
     utils.save_report(report, out)
 
-    # 2. QAT fine-tuning and 3. int8 conversion
-    qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt)
-    record_training("qat", history)
-    # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
-    qat_acc = history[-1]["test_acc"] if history else utils.accuracy(qat_model, data["test"])
-    report["accuracy"]["qat_fake_quant"] = qat_acc
-    lap("qat_train")
-    int8_model, int8_ts = quantize_int8(qat_model, out)
-    int8_preds = utils.predict(int8_model, test_images)
-    report["accuracy"]["int8"] = utils.top1(int8_preds, test_labels)
-    report["artifacts"].update(int8_torchscript="int8.pt", qat_state_dict="qat.pt")
-    lap("convert")
+    with stages("qat_train"):  # 3. QAT fine-tuning
+        qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt)
+        record_training("qat", history)
+        # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
+        report["accuracy"]["qat_fake_quant"] = history[-1]["test_acc"] if history else utils.accuracy(
+            qat_model, data["test"])
+
+    with stages("convert"):  # 4. int8 conversion, TorchScript
+        int8_model, int8_ts = quantize_int8(qat_model, args)
+        int8_preds = utils.predict(int8_model, test_images)
+        utils.torch_save(qat_model.state_dict(), out / "qat.pt")
+        utils.torch_save(int8_ts, out / "int8.pt")
+        report["accuracy"]["int8"] = utils.top1(int8_preds, test_labels)
+        report["artifacts"].update(int8_torchscript="int8.pt", qat_state_dict="qat.pt")
     utils.save_report(report, out)
 
-    # PTQ baseline from the same float weights
     if not args.no_ptq:
-        report["accuracy"]["ptq_int8"] = utils.accuracy(calibrate_ptq(fp32_model, data, args), data["test"])
-        lap("ptq")
+        with stages("ptq"):  # 5. PTQ baseline from the same float weights
+            report["accuracy"]["ptq_int8"] = utils.accuracy(calibrate_ptq(fp32_model, data, args), data["test"])
 
-    # 5. ONNX export + ONNX Runtime verification
-    onnx_report, onnx_paths = export_and_verify_onnx(
-        {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads)
-    report["onnx"] = onnx_report["onnx"]
-    report["accuracy"].update(onnx_report["accuracy"])
-    report["agreement"].update(onnx_report["agreement"])
-    report["artifacts"].update(fp32_onnx="fp32.onnx", int8_onnx="int8.onnx")
-    lap("onnx")
+    with stages("onnx"):  # 6. ONNX export, check, simplification, ONNX Runtime verification
+        onnx_report, onnx_paths = export_and_verify_onnx(
+            {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads)
+        report["onnx"] = onnx_report["onnx"]
+        report["accuracy"].update(onnx_report["accuracy"])
+        report["agreement"].update(onnx_report["agreement"])
+        report["artifacts"].update(fp32_onnx="fp32.onnx", int8_onnx="int8.onnx")
 
-    # 4. CPU latency benchmark
-    report["latency_ms"], report["speedup"], report["fp32_fastest_form"] = benchmark_latency(
-        fp32_model, int8_ts, onnx_paths, args)
-    lap("benchmark")
+    with stages("benchmark"):  # 7. CPU latency benchmark
+        report["latency_ms"], report["speedup"], report["fp32_fastest_form"] = benchmark_latency(
+            fp32_model, int8_ts, onnx_paths, args)
 
-    # 6. report
-    for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), ("fp32_onnx", "fp32.onnx"), ("int8_onnx", "int8.onnx")):
-        report["model_size_bytes"][key] = (out / name).stat().st_size
-    utils.save_report(report, out, plots=True)
+    with stages("report"):  # 8. report.json, report.md, plots
+        for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), ("fp32_onnx", "fp32.onnx"),
+                          ("int8_onnx", "int8.onnx")):
+            report["model_size_bytes"][key] = (out / name).stat().st_size
+        utils.save_report(report, out, plots=True)
     print(utils.summary(report))
     print(f"outputs in {out}/: {', '.join(sorted(report['artifacts'].values()))}, report.json, report.md")
     return report
 
 
-if __name__ == "__main__":
+def terminate(signum, frame):
+    raise utils.Terminated()
+
+
+def cli(argv=None):
+    """The command line: main() with every failure as one line on stderr and an exit code (README: exit codes)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        main()
-    except utils.UserError as e:
+        main(args)
+    except (utils.UserError, utils.RunError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished epochs are kept in OUT_DIR/<model>/checkpoint.pt; continue with: "
-              f"python cifar.py {' '.join(a for a in sys.argv[1:] if a != '--resume')} --resume".replace("  ", " "),
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        what, code = ("terminated", 143) if isinstance(e, utils.Terminated) else ("interrupted", 130)
+        print(f"{what}: finished epochs are kept in {Path(args.out_dir) / args.model}/checkpoint.pt; continue with: "
+              f"python cifar.py {' '.join(a for a in argv if a != '--resume')} --resume".replace("  ", " "),
               file=sys.stderr)
-        sys.exit(130)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

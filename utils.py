@@ -1,6 +1,9 @@
 """Data, training loop and small helpers shared by cifar.py and the tests."""
+import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -22,33 +25,107 @@ MEAN_UINT8 = tuple(round(255 * m) for m in MEAN)  # the colour Cutout paints: ze
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_qat"
 
 
+# Every failure the command line reports as one line "error: ...", with its exit code (README: exit codes).
 class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
+    """A problem with the user's input."""
+    exit_code = 2
+
+
+class RunError(Exception):
+    """A stage that failed during the run, not because of the input (an exporter, a runtime, an observer)."""
+    exit_code = 1
+
+
+class Diverged(RunError):
+    """Non-finite or exploding loss, weights or quantization parameters."""
+    exit_code = 3
+
+
+class WriteError(RunError):
+    """An output file could not be written (no space, no permission, folder gone)."""
+    exit_code = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, CI runners, docker stop, Kubernetes): handled like Ctrl-C, exit code 143."""
+
+
+class Stages:
+    """Wall time per stage; a stage that fails with an unexpected exception becomes a RunError naming it.
+
+        stages = Stages()
+        with stages("fp32_train"):
+            ...
+    """
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        except (UserError, RunError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            message = (str(e).strip().splitlines() or [""])[0][:300]
+            raise RunError(f"stage {name} failed: {type(e).__name__}: {message}") from e
+        self.seconds[name] = time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- files
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Call write(file) on a temporary file beside path, then rename it over path.
+
+    Readers never see half a file, and a failed write leaves the earlier file as it was. Writers get a Python file
+    object so that a full disk is an OSError here (torch.jit.save to a path aborts the process instead).
+    """
+    path, tmp = Path(path), None
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        with open(tmp, "wb") as f:  # a named file: onnx.save looks at f.name
+            write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"cannot write '{path}': {e.strerror or e}") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def save_json(obj, path):
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_text(text, path):
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def torch_save(obj, path):
-    atomic_write(path, lambda p: torch.save(obj, p))
+    """torch.save (torch.jit.save for TorchScript) into memory, then atomic_write: torch's zip writer turns a
+    full disk into an opaque RuntimeError, or aborts, so it never writes to the file itself."""
+    buffer = io.BytesIO()
+    (torch.jit.save if isinstance(obj, torch.jit.ScriptModule) else torch.save)(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def check_finite(model, what, hint):
+    """Diverged unless model's weights, BN statistics and quantization scales are all finite, so that nothing is
+    converted, exported or saved from a broken model. Observers' running min/max are skipped: one that never saw
+    data (a skip_add of a block without a residual) holds +-inf by design."""
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or name.endswith(("min_val", "max_val")):
+            continue
+        if t.is_quantized:
+            per_channel = t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            t = t.q_per_channel_scales() if per_channel else torch.tensor(t.q_scale())
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise Diverged(f"{what} holds non-finite values ({name}); {hint}")
 
 
 # ---------------------------------------------------------------- data
@@ -97,7 +174,7 @@ def _decode_folder(split_dir):
         raise UserError(f"'{split_dir}' has no images in at least one class folder") from None
     images = np.empty((len(ds.samples), 32, 32, 3), np.uint8)
     for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"decode {split_dir.name}", leave=False,
-                                       mininterval=1)):
+                                       mininterval=1, disable=None)):  # no bar in logs
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
@@ -136,9 +213,9 @@ def load_split(data_dir, train, cache_dir=DEFAULT_CACHE_DIR):
         else:
             images, labels = _decode_folder(split_dir)
             try:
-                atomic_write(cache, lambda p: np.savez(open(p, "wb"), images=images, labels=labels))
-            except OSError as e:  # a read-only cache only costs time
-                print(f"warning: cannot write decode cache '{cache}': {e}")
+                atomic_write(cache, lambda f: np.savez(f, images=images, labels=labels))
+            except WriteError as e:  # a read-only cache only costs time
+                print(f"warning: {e} (decode cache); the run goes on")
     if len(labels) == 0:
         raise UserError(f"the {split} split in '{data_dir}' is empty")
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
@@ -223,22 +300,43 @@ class Batches:
 
 # ---------------------------------------------------------------- train / eval
 
-def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, desc):
-    """One pass over batches; returns (mean loss, train accuracy, images/s, data share of the time)."""
+class LossGuard:
+    """Tells a training stage to stop when its loss is not finite or has grown past factor x its first batch's
+    loss (at least factor x ln(classes), the loss of a uniform guess). Works on the loss value the loop already
+    reads back, so it costs nothing on the step."""
+
+    def __init__(self, classes=10, factor=10.0):
+        self.floor, self.factor, self.limit = math.log(classes), factor, None
+
+    def __call__(self, loss):
+        if self.limit is None:
+            self.limit = self.factor * max(self.floor, loss)
+        return math.isfinite(loss) and loss <= self.limit
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, desc, guard):
+    """One pass over batches; returns (mean loss, train accuracy, images/s, data share of the time).
+
+    guard: a LossGuard; a batch it rejects raises Diverged before the optimizer steps on that loss.
+    """
     model.train()
     batches.data_seconds = 0.0
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, mininterval=1, dynamic_ncols=True, disable=None)  # no bar in logs
-    for x, y in bar:
+    for i, (x, y) in enumerate(bar, 1):
         out = model(x.to(device, non_blocking=True))
         loss = criterion(out, y)
+        value = loss.item()
+        if not guard(value):
+            bar.close()
+            raise Diverged(f"loss {value:.4g} in batch {i}/{len(batches)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += loss.item() * len(y)
+        loss_sum += value * len(y)
         correct += (out.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
@@ -273,28 +371,27 @@ def load_state_dict(path, model):
     if not isinstance(state, dict) or set(state) != set(expected) or any(
             getattr(state[k], "shape", None) != v.shape for k, v in expected.items()):
         raise UserError(f"'{path}' is not a state_dict of this model ({type(model).__name__}, 10 classes)")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        raise UserError(f"'{path}' holds non-finite values ({bad})")
     return state
 
 
 # ---------------------------------------------------------------- ONNX
 
-def export_onnx(model, path, opset=17):
-    """Export with the TorchScript exporter, check, simplify with onnxsim; atomic, so a failure keeps an earlier file.
+def export_onnx(model, name, opset=17):
+    """Export with the TorchScript exporter (in memory), check, simplify with onnxsim.
 
-    Returns {'opset', 'simplified', 'note'}; a failed simplification keeps the checked unsimplified graph.
+    Returns (the ONNX ModelProto, {'opset', 'simplified', 'note'}); nothing is written, so a caller saves
+    (save_onnx) only what it has verified. A failed simplification keeps the checked unsimplified graph.
     """
     import onnx
     import onnxsim
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx")
-    os.close(fd)
-    try:
-        torch.onnx.export(model.eval(), torch.randn(1, 3, 32, 32), tmp, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        graph = onnx.load(tmp)
-    finally:
-        os.remove(tmp)
+    buffer = io.BytesIO()
+    torch.onnx.export(model.eval(), torch.randn(1, 3, 32, 32), buffer, dynamo=False, opset_version=opset,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    graph = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(graph, full_check=True)
     info = dict(opset=opset, simplified=False, note="")
     try:
@@ -305,21 +402,27 @@ def export_onnx(model, path, opset=17):
         graph, info["simplified"] = simple, True
     except Exception as e:
         info["note"] = f"onnxsim failed ({type(e).__name__}: {e}); kept the unsimplified graph"
-        print(f"warning: {path.name}: {info['note']}")
-    atomic_write(path, lambda p: onnx.save(graph, p))
-    return info
+        print(f"warning: {name}: {info['note']}")
+    return graph, info
 
 
-def ort_session(path, threads):
+def save_onnx(graph, path):
+    import onnx
+    atomic_write(path, lambda f: onnx.save(graph, f))
+
+
+def ort_session(model, threads):
+    """An ONNX Runtime CPU session for a file path or an in-memory ModelProto."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_predict(path, images, threads, batch_size=500):
-    session = ort_session(path, threads)
+def ort_predict(model, images, threads, batch_size=500):
+    session = ort_session(model, threads)
     return torch.cat([torch.from_numpy(session.run(None, {"input": normalize(images[i:i + batch_size])
                                                           .contiguous().numpy()})[0]).argmax(1)
                       for i in range(0, len(images), batch_size)])
@@ -417,7 +520,7 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -437,7 +540,7 @@ def plot_latency(latency, path):
         ax.set_title(f"CPU latency, batch {b}")
         ax.invert_yaxis()
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -451,7 +554,7 @@ def save_report(report, out, plots=False):
         plot_latency(report["latency_ms"], out / "latency.png")
         report["artifacts"]["latency_plot"] = "latency.png"
     save_json(report, out / "report.json")
-    atomic_write(out / "report.md", lambda p: Path(p).write_text(report_markdown(report)))
+    save_text(report_markdown(report), out / "report.md")
 
 
 def summary(r):

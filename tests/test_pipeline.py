@@ -105,8 +105,8 @@ def fitted(request, cifar_dir, tmp_path_factory):
     fp32, history = cifar.train_float(args, data, torch.device("cpu"), out)
     qat, _ = cifar.train_qat(fp32, history, data, args, torch.device("cpu"), out)
     int8 = models.convert_int8(qat)
-    utils.export_onnx(models.onnx_exportable(int8), out / "int8.onnx")
-    utils.export_onnx(models.onnx_exportable(fp32), out / "fp32.onnx")
+    for name, model in (("int8", int8), ("fp32", fp32)):
+        utils.save_onnx(utils.export_onnx(models.onnx_exportable(model), name)[0], out / f"{name}.onnx")
     return dict(model=model, images=images[idx], labels=labels[idx], fp32=fp32.eval(), qat=qat.eval(),
                 int8_eager=int8, int8=models.to_torchscript(int8), out=out)
 
@@ -175,28 +175,32 @@ def test_int8_onnx_is_really_quantized(smoke, model):
     assert (out / "int8.onnx").stat().st_size <= 0.35 * (out / "fp32.onnx").stat().st_size
 
 
-def test_simplifier_failure_keeps_the_checked_file(tmp_path, monkeypatch):
+def test_simplifier_failure_keeps_the_checked_graph(monkeypatch):
     import onnxsim
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated onnxsim crash")
     monkeypatch.setattr(onnxsim, "simplify", broken)
-    info = utils.export_onnx(models.create_model("resnet18"), tmp_path / "m.onnx")
+    graph, info = utils.export_onnx(models.create_model("resnet18"), "m.onnx")
     assert info["simplified"] is False and "simulated onnxsim crash" in info["note"]
-    onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"))
+    onnx.checker.check_model(graph)
 
 
-def test_failed_export_keeps_an_earlier_good_file(tmp_path, monkeypatch):
-    path = tmp_path / "m.onnx"
-    utils.export_onnx(models.create_model("resnet18"), path)
-    before = path.read_bytes()
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated export failure")
-    monkeypatch.setattr(torch.onnx, "export", broken)
-    with pytest.raises(RuntimeError):
-        utils.export_onnx(models.create_model("resnet18"), path)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+def test_failed_export_keeps_an_earlier_good_file(tmp_path, monkeypatch, cifar_dir):
+    """A failing exporter or ONNX Runtime verification ends the stage before anything is written."""
+    out = tmp_path / "out"
+    images = utils.load_split(cifar_dir, train=False)
+    data = {"test": (images[0][:20], images[1][:20])}
+    model = models.create_model("resnet18")
+    preds = utils.predict(model, data["test"][0])
+    cifar.export_and_verify_onnx({"fp32": (model, preds)}, data, out, 1)
+    before = (out / "fp32.onnx").read_bytes()
+    for target in ("torch.onnx.export", "utils.ort_predict"):
+        with monkeypatch.context() as m:
+            m.setattr(target, lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+            with pytest.raises(RuntimeError, match="simulated failure"):
+                cifar.export_and_verify_onnx({"fp32": (models.create_model("resnet18"), preds)}, data, out, 1)
+        assert (out / "fp32.onnx").read_bytes() == before and [p.name for p in out.iterdir()] == ["fp32.onnx"]
 
 
 def test_same_seed_same_weights_on_cpu(tmp_path):

@@ -72,15 +72,20 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(data_dir, finished, 
     assert same_state(tmp_path / "resnet18" / "qat.pt", finished / "qat.pt")
 
 
-def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_keep_the_checkpoint_and_resume_to_the_same_weights(data_dir, finished, tmp_path,
+                                                                               sig, code, word):
     proc = start(data_dir, tmp_path)
     wait_for_epoch(proc, tmp_path, 1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    assert stderr.strip().splitlines()[-1].startswith("interrupted") and "--resume" in stderr
-    assert "Traceback" not in stderr
+    assert proc.returncode == code
+    assert stderr.strip().splitlines()[-1].startswith(word) and "--resume" in stderr
+    assert "Traceback" not in stderr and not list(tmp_path.rglob("*.tmp"))
     assert torch.load(tmp_path / "resnet18" / "checkpoint.pt", weights_only=True)["epoch"] >= 1
+    resumed = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_state(tmp_path / "resnet18" / "qat.pt", finished / "qat.pt")
 
 
 def test_resume_of_a_finished_run_reuses_both_training_stages(data_dir, finished, tmp_path):
@@ -147,9 +152,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "report.json"
     path.write_text("old")
 
-    def half_then_fail(tmp):
-        open(tmp, "w").write("half")
-        raise OSError("disk full")
-    with pytest.raises(OSError):
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(utils.WriteError, match="cannot write '.*report.json': No space left on device"):
         utils.atomic_write(path, half_then_fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
