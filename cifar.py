@@ -1,10 +1,16 @@
-"""CIFAR-10 quantization-aware training for CPU deployment.
+"""CIFAR-10 quantization-aware training for CPU deployment, in eight stages (report.json's "seconds" keys):
 
-float training -> fuse + fbgemm QAT fine-tuning -> int8 (TorchScript) -> PTQ baseline
--> ONNX export, check, simplify, ONNX Runtime verification -> CPU latency benchmark -> report.
+1. data        CIFAR-10 as uint8 tensors (a folder, torchvision's files, or downloaded)
+2. fp32_train  float training (SGD + nesterov, one-cycle LR)
+3. qat_train   fuse, fbgemm fake quantization, QAT fine-tuning
+4. convert     int8 conversion, TorchScript (int8.pt)
+5. ptq         post-training quantization baseline from the same float weights
+6. onnx        ONNX export, check, onnxsim, ONNX Runtime verification
+7. benchmark   CPU latency of every form
+8. report      report.json, report.md, plots
 
     python cifar.py                      # the full default pipeline for model_name
-    python cifar.py --model resnet18 --epochs 1 --qat-epochs 1 --train-subset 2000 --test-subset 1000
+    python cifar.py --epochs 3 --qat-epochs 1 --train-subset 4000 --test-subset 1000   # quick tour
 """
 import argparse
 import copy
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 from torch.ao import quantization as tq
 from torch.ao.nn.intrinsic import qat as nniqat
 
@@ -23,6 +30,25 @@ import models
 import utils
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
+
+# The training recipe per model (--help shows it; flags override it). Epochs fit the run in 45 / 60 minutes on
+# 2 cores; on a slower or faster CPU use --time-budget. Evidence for each value: docs/experiments.md.
+DEFAULTS = {
+    "mobilenet_v2": dict(
+        epochs=12,
+        batch_size=64,      # +4.5 points over 128 at the same time per epoch
+        lr=0.05,            # one-cycle peak; 0.025 and 0.1 did worse
+        weight_decay=5e-4,
+        crop_padding=2,     # a milder crop suits short training (+2 points over 4)
+        cutout=0),
+    "resnet18": dict(
+        epochs=40,
+        batch_size=128,
+        lr=0.1,
+        weight_decay=5e-4,
+        crop_padding=4,
+        cutout=8),          # an 8x8 Cutout square: the long run overfits without it (train 0.91, test 0.84)
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +63,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def get_args_parser():
-    per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in models.DEFAULTS.items())
+    per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in DEFAULTS.items())
     p = Parser(description="CIFAR-10 float training, QAT to int8, ONNX export and CPU benchmark",
                formatter_class=HelpFormatter)
     p.add_argument("--model", default=model_name, choices=list(models.ARCHS), help="network to train")
@@ -65,15 +91,17 @@ def get_args_parser():
                    help=f"random-crop padding in pixels (float and QAT); default: {per_model('crop_padding')}")
     g.add_argument("--cutout", type=int, default=None,
                    help=f"side in pixels of the Cutout square (float and QAT; 0: none); default: {per_model('cutout')}")
+    g.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="choose the float epochs so that the whole run ends within this many minutes, from the "
+                        "pace measured on the first batches (instead of --epochs)")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
     p.add_argument("--debug", action="store_true", default=bool(os.environ.get("CIFAR_QAT_DEBUG")),
                    help="show the full traceback of a failure instead of one line (or set CIFAR_QAT_DEBUG=1)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
     g = p.add_argument_group("quantization")
-    # Short QAT epochs, as in PyTorch's QAT tutorial: fine-tuning at 1/100 of the LR needs few steps, and a full
-    # QAT epoch costs two float epochs. MobileNetV2 int8 from the same float weights (0.7190): 0.7166 after
-    # 1 x 100 batches, 0.7186 after 2 x 100 (observers and BN frozen for the second), 0.7200 after 1 x 391 (all).
+    # Short QAT epochs, as in PyTorch's QAT tutorial: fine-tuning at 1/100 of the LR needs few steps, and a whole
+    # QAT epoch costs two float epochs; 2 x 100 batches matched a whole epoch (docs/experiments.md).
     g.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     g.add_argument("--qat-batches", type=int, default=100,
                    help="training batches per QAT epoch, each epoch a fresh random part of the data (0: all)")
@@ -94,12 +122,19 @@ def get_args_parser():
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for key, value in models.DEFAULTS[args.model].items():
+    if args.time_budget is not None:
+        if args.epochs is not None or args.float_checkpoint:
+            parser.error("--time-budget chooses the number of float epochs: give either it or "
+                         + ("--epochs" if args.epochs is not None else "--float-checkpoint"))
+        if args.time_budget <= 0:
+            parser.error(f"--time-budget is out of range: {args.time_budget}")
+        args.epochs = 0  # chosen by plan_epochs once the pace is measured
+    for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.qat_lr is None:
         args.qat_lr = args.lr / 100
-    checks = [("--epochs", args.epochs >= 1), ("--qat-epochs", args.qat_epochs >= 0),
+    checks = [("--epochs", args.epochs >= 1 or args.time_budget is not None), ("--qat-epochs", args.qat_epochs >= 0),
               ("--qat-batches", args.qat_batches >= 0),
               ("--batch-size", args.batch_size >= 1), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
               ("--weight-decay", args.weight_decay >= 0), ("--momentum", 0 <= args.momentum < 1),
@@ -173,6 +208,8 @@ def load_checkpoint(args, out):
     except Exception as e:
         raise utils.UserError(f"'{path}' is not a readable checkpoint of this project ({type(e).__name__}); "
                               f"delete it or run without --resume") from None
+    if args.time_budget is not None:  # a resumed --time-budget run keeps the epochs it chose
+        args.epochs = settings["fp32"]["epochs"]
     differ = [f"--{k.replace('_', '-')} {v} (this run: {getattr(args, k)})"
               for k, v in settings["fp32"].items() if getattr(args, k, None) != v]
     if differ:
@@ -186,11 +223,12 @@ def load_checkpoint(args, out):
 
 
 def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs, out, resume=None, earlier=(),
-        before_epoch=None):
+        before_epoch=None, clock=None):
     """The epoch loop shared by float training and QAT, checkpointing after every epoch.
 
     batches: the training batches (utils.Batches); resume: a checkpoint of this stage to continue from;
-    earlier: history rows of earlier stages (kept in the checkpoint for the report). Returns this stage's history rows.
+    earlier: history rows of earlier stages (kept in the checkpoint for the report); clock: a RunClock for the
+    whole-run ETA. Returns this stage's history rows.
     """
     history, done = [], 0
     if resume:
@@ -214,12 +252,15 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
                                  f"{divergence_hint(args, stage)}") from None
         if stage == "qat":  # evaluate without letting test images move the quantization ranges
             model.apply(tq.disable_observer)
+        evaluated = time.perf_counter()
         test_acc = utils.accuracy(model, data["test"], device)
         row = dict(stage=stage, epoch=epoch, loss=loss, train_acc=train_acc, test_acc=test_acc,
-                   images_per_s=ips, data_share=data_share, seconds=time.perf_counter() - start)
-        print(f"{stage} epoch {epoch}/{epochs}: loss {loss:.4f}  train {train_acc:.4f}  test {test_acc:.4f}  "
-              f"{ips:.0f} img/s  data {data_share:.1%}  {row['seconds']:.0f}s", flush=True)
+                   images_per_s=ips, data_share=data_share, seconds=time.perf_counter() - start,
+                   eval_seconds=time.perf_counter() - evaluated)
         history.append(row)
+        print(f"{stage} epoch {epoch}/{epochs}: loss {loss:.4f}  train {train_acc:.4f}  test {test_acc:.4f}  "
+              f"{ips:.0f} img/s  data {data_share:.1%}  {row['seconds']:.0f}s"
+              + (clock.epoch_done(stage, history) if clock else ""), flush=True)
         utils.torch_save(dict(stage=stage, epoch=epoch, settings=stage_settings(args), model=model.state_dict(),
                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
@@ -232,7 +273,12 @@ def divergence_hint(args, stage):
     return f"try a lower --qat-lr (now {args.qat_lr:g}); with --resume the float training is kept"
 
 
-def train_float(args, data, device, out, ckpt=None):
+# Runs of fewer optimizer steps scale the peak LR by steps / SHORT_RUN_STEPS: a few dozen steps warm up too fast
+# to reach the full peak safely (ResNet18 diverged in 16- and 63-step runs; docs/experiments.md).
+SHORT_RUN_STEPS = 200
+
+
+def train_float(args, data, device, out, ckpt=None, clock=None):
     """Float training with SGD + nesterov and OneCycleLR (annealed warm-up to the peak LR, then cosine decay).
 
     ckpt: a checkpoint to continue from; one of the QAT stage means float training is done (fp32.pt).
@@ -250,13 +296,17 @@ def train_float(args, data, device, out, ckpt=None):
                                 weight_decay=args.weight_decay)
     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, padding=args.crop_padding,
                             cutout=args.cutout)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, pct_start=args.warmup_pct,
-                                                    total_steps=max(args.epochs * len(batches), 1))
-    history = fit(model, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt)
+    steps = args.epochs * len(batches)
+    peak = args.lr * min(1.0, steps / SHORT_RUN_STEPS)
+    if peak < args.lr:
+        print(f"note: a short run ({steps} steps < {SHORT_RUN_STEPS}): peak LR {peak:.3g} instead of {args.lr:g}")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, peak, pct_start=args.warmup_pct, total_steps=steps)
+    history = fit(model, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt,
+                  clock=clock)
     return model.cpu().to(memory_format=torch.contiguous_format), history
 
 
-def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None):
+def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, clock=None):
     """Fuse + fbgemm fake-quant, then fine-tune at a small cosine-decayed LR.
 
     As in torchvision's quantization reference, the ranges (observers) and BN statistics are frozen for the
@@ -280,9 +330,103 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None):
 
     resume = ckpt if ckpt and ckpt["stage"] == "qat" and not ckpt.get("restart_qat") else None
     history = fit(model, optimizer, scheduler, batches, data, args, device, "qat", args.qat_epochs, out, resume,
-                  fp32_history, before_epoch)
+                  fp32_history, before_epoch, clock)
     model.apply(tq.disable_observer)
     return model.cpu(), history
+
+
+class RunClock:
+    """Projects the whole run's wall time from measured paces (images/s): the ETA after every epoch and
+    --time-budget's choice of float epochs use this one projection."""
+
+    QAT_PACE = 0.5  # QAT trains at 0.46-0.76x the float pace (fake quantization); until QAT has run
+    FORMS = 8  # the forms benchmark_latency times at each batch size
+
+    def __init__(self, args, n_train, n_test, start):
+        self.args, self.n_train, self.n_test = args, n_train, n_test
+        self.start, self.bar = start, None  # start: time.time() when the run began
+
+    def remaining(self, pace, fp32_epochs, qat_epochs):
+        """Seconds for fp32_epochs float and qat_epochs QAT epochs, then every stage after training.
+
+        pace: images/s of float training ("fp32"), QAT training ("qat") and float inference ("eval")."""
+        a, eval_s = self.args, self.n_test / pace["eval"]
+        batches = -(-self.n_train // a.batch_size)
+        qat_images = min(batches, a.qat_batches or batches) * a.batch_size
+        bench = self.FORMS * (a.bench_warmup + a.bench_runs) * sum(max(b / pace["eval"], 2e-3)
+                                                                   for b in a.bench_batch_sizes)
+        after = 3 * eval_s + a.ptq_batches * a.batch_size / pace["eval"] + bench + 10  # convert, PTQ, ONNX, report
+        return (fp32_epochs * (self.n_train / pace["fp32"] + eval_s)
+                + qat_epochs * (qat_images / pace["qat"] + 2 * eval_s) + after)
+
+    def epoch_done(self, stage, history):
+        """The ETA suffix of an epoch's line (and, after the run's first trained epoch, the ETA: line)."""
+        a, row = self.args, history[-1]
+        pace = dict(eval=self.n_test / max(row["eval_seconds"], 1e-6), fp32=row["images_per_s"])
+        pace["qat"] = row["images_per_s"] if stage == "qat" else self.QAT_PACE * row["images_per_s"]
+        left = (a.epochs - row["epoch"], a.qat_epochs) if stage == "fp32" else (0, a.qat_epochs - row["epoch"])
+        end = time.time() + self.remaining(pace, *left)
+        if self.bar is None:
+            self.bar = tqdm(total=sum(left) + 1, desc="whole run", unit="epoch", disable=None, leave=False)
+            first = (f"\nETA: the whole run should take about {(end - self.start) / 60:.0f} min, ending about "
+                     f"{time.strftime('%H:%M', time.localtime(end))} (refreshed after each epoch)")
+        else:
+            first = ""
+        self.bar.update()
+        return f"  ETA {time.strftime('%H:%M', time.localtime(end))}{first}"
+
+
+def measure_pace(args, data, device):
+    """Images/s of float and QAT training steps (after PROBE_WARMUP untimed ones) and of float inference, on
+    throwaway models. Every RNG it touches is restored: --epochs N with the epochs chosen from this pace trains
+    the same weights."""
+    pace = {}
+    with torch.random.fork_rng(devices=[]):
+        for stage in ("fp32", "qat"):
+            model = models.create_model(args.model)
+            for m in model.modules():  # zero-initialised BN weights would make fake quantization divide by 0
+                if isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+            if stage == "qat":
+                models.prepare_quantization(model, qat=True)
+            model.to(device, memory_format=torch.channels_last)
+            optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
+            for n in (PROBE_WARMUP, PROBE_BATCHES):
+                batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
+                                        padding=args.crop_padding, cutout=args.cutout)
+                pace[stage] = utils.train_one_epoch(model, batches, optimizer, None, criterion, device,
+                                                    f"timing {stage}", utils.LossGuard(factor=1e9))[2]
+            if stage == "fp32":
+                images, start = data["test"][0][:1000], time.perf_counter()
+                utils.predict(model, images, device)
+                pace["eval"] = len(images) / (time.perf_counter() - start)
+    return pace
+
+
+def choose_epochs(clock, pace, budget_s, used_s):
+    """The most float epochs (at least 1) whose projected run, after used_s already spent, ends within budget_s.
+
+    Returns (epochs, projected seconds of the whole run)."""
+    fixed = clock.remaining(pace, 0, clock.args.qat_epochs)
+    per_epoch = clock.remaining(pace, 1, 0) - clock.remaining(pace, 0, 0)
+    epochs = int((budget_s - used_s - fixed) // per_epoch)
+    if epochs < 1:
+        raise utils.UserError(f"--time-budget {budget_s / 60:g} is too small here: one float epoch and the rest of "
+                              f"the run need about {(used_s + fixed + per_epoch) / 60:.1f} minutes")
+    return epochs, used_s + fixed + epochs * per_epoch
+
+
+def plan_epochs(args, data, device, clock):
+    """--time-budget: the float epochs from the pace measured here; the report's "time_budget" entry."""
+    pace = measure_pace(args, data, device)
+    epochs, projected = choose_epochs(clock, pace, args.time_budget * 60, time.time() - clock.start)
+    print(f"time budget {args.time_budget:g} min: training at {pace['fp32']:.0f} img/s (QAT {pace['qat']:.0f}), "
+          f"{epochs} float epochs, whole run projected at {projected / 60:.1f} min")
+    return dict(minutes=args.time_budget, images_per_s=pace["fp32"], qat_images_per_s=pace["qat"],
+                chosen_epochs=epochs, projected_s=projected)
+
+
+PROBE_WARMUP, PROBE_BATCHES = 3, 20
 
 
 def calibrate_ptq(fp32_model, data, args):
@@ -373,6 +517,7 @@ def benchmark_latency(fp32_model, int8_ts, onnx_paths, args):
 
 def main(args):
     """The pipeline, stage by stage; the stage names are the keys of report.json's "seconds"."""
+    started = time.time()
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = models.ENGINE
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -394,9 +539,15 @@ def main(args):
     with stages("data"):  # 1. data
         data = load_data(args)
         test_images, test_labels = data["test"]
+    print(f"note: eager-mode quantization and TorchScript are deprecated in torch {torch.__version__.split('+')[0]}; "
+          "this pipeline pins that release and hides their deprecation warnings (README: Deprecations and pinning)")
 
     with stages("fp32_train"):  # 2. float training
-        fp32_model, fp32_history = train_float(args, data, device, out, ckpt)
+        clock = RunClock(args, len(data["train"][1]), len(test_labels), started)
+        if args.time_budget is not None and not args.epochs:
+            report["time_budget"] = plan_epochs(args, data, device, clock)
+            report["epochs"] = args.epochs = report["time_budget"]["chosen_epochs"]
+        fp32_model, fp32_history = train_float(args, data, device, out, ckpt, clock)
         utils.check_finite(fp32_model, "the float model", divergence_hint(args, "fp32"))
         fp32_preds = utils.predict(fp32_model, test_images)
         utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
@@ -406,7 +557,7 @@ def main(args):
     utils.save_report(report, out)
 
     with stages("qat_train"):  # 3. QAT fine-tuning
-        qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt)
+        qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
         record_training("qat", history)
         # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
         report["accuracy"]["qat_fake_quant"] = history[-1]["test_acc"] if history else utils.accuracy(
@@ -441,6 +592,8 @@ def main(args):
         for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), ("fp32_onnx", "fp32.onnx"),
                           ("int8_onnx", "int8.onnx")):
             report["model_size_bytes"][key] = (out / name).stat().st_size
+        if "time_budget" in report:
+            report["time_budget"]["actual_s"] = time.time() - clock.start
         utils.save_report(report, out, plots=True)
     print(utils.summary(report))
     print(f"outputs in {out}/: {', '.join(sorted(report['artifacts'].values()))}, report.json, report.md")

@@ -21,37 +21,18 @@ for message in DEPRECATIONS:
 
 ENGINE = "fbgemm"
 ARCHS = {"mobilenet_v2": qmodels.mobilenet_v2, "resnet18": qmodels.resnet18}
-# Per-model training defaults (cifar.py --help shows them; the command line overrides them). The epochs are chosen for
-# the project's machine since 2026-11-26 evening, 2 cores of an AVX512 Intel Xeon: the whole default run takes 25
-# minutes for MobileNetV2 and 48 for ResNet18 there (targets 45 / 60; README). On 2 AVX2 cores (the AMD EPYC of earlier
-# runs) training was 1.7-2.3x (MobileNetV2) and 3.1-4.6x (ResNet18) slower: use --epochs 9 (MobileNetV2) / --epochs 10
-# --cutout 0 (ResNet18) there to stay within 45 / 60 minutes. ResNet18 overfits in its long run (train 0.914 against
-# test 0.844 after 35 epochs): an 8x8 Cutout square gave 0.8490 against 0.8441 in the same 35 epochs, and 0.8507 in 40
-# (full runs, test split). MobileNetV2 trains in batches of 64: +4.5 points over 128 at the same peak LR and the same
-# time per epoch (6 epochs on 20,000 training images, scored on 5,000 other training images: 0.615 vs 0.569; 64 at LR
-# 0.025 gave 0.580, 64 at 0.1 and 32 at 0.05 no more). Its random crops pad by 2 pixels instead of 4: a milder
-# augmentation suits short training (same probe, with zero-initialised residual blocks: 0.655 against 0.635).
-DEFAULTS = {
-    "mobilenet_v2": dict(epochs=12, batch_size=64, lr=0.05, weight_decay=5e-4, crop_padding=2, cutout=0),
-    "resnet18": dict(epochs=40, batch_size=128, lr=0.1, weight_decay=5e-4, crop_padding=4, cutout=8),
-}
-
-
-# torchvision's ImageNet strides shrink a 32x32 image to 1x1 before the last blocks. Stride 1 in these convs
-# keeps a 4x4 map there instead: +10 points after 4 epochs on a 10,000-image subset for MobileNetV2, at about the
-# same training speed on 2 CPU cores (its time goes to the early depthwise layers). ResNet18 keeps its strides:
-# stride 1 in layer4 alone cost a third of its training speed here, for no more accuracy at equal time.
+# torchvision's ImageNet strides shrink a 32x32 image to 1x1 before MobileNetV2's last seven blocks, whose 3x3
+# depthwise convs then see only their centre tap: stride 1 in these two keeps a 4x4 map there. ResNet18 keeps its
+# strides: stride 1 in layer4 slowed training by a third for no accuracy at equal time (docs/experiments.md).
 CIFAR_STRIDE_ONE = {
     "mobilenet_v2": lambda m: [m.features[7].conv[1][0], m.features[14].conv[1][0]],  # depthwise convs
     "resnet18": lambda m: [],
 }
 
 
-# MobileNetV2's residual blocks start as the identity, their last BN's weight at zero (the idea of torchvision's
-# zero_init_residual for ResNet): the signal crosses the whole depth from the first step. MobileNetV2: 0.635
-# against 0.615 after 6 epochs on 20,000 training images, scored on 5,000 other training images, and 0.7807
-# against 0.7587 in the full default run. ResNet18 keeps torchvision's initialisation: the same probe gave 0.659
-# against 0.644, but its full default run gave 0.7887 against 0.7986 (test split; README).
+# MobileNetV2's residual blocks start as the identity (last BN weight zero, the idea of torchvision's
+# zero_init_residual), so the signal crosses the whole depth from the first step. ResNet18 keeps torchvision's
+# initialisation, which did better in its full run (docs/experiments.md).
 RESIDUAL_LAST_BN = {
     "mobilenet_v2": lambda m: [b.conv[-1] for b in m.features if getattr(b, "use_res_connect", False)],
     "resnet18": lambda m: [],
@@ -81,10 +62,9 @@ def prepare_quantization(model, qat):
     torch.backends.quantized.engine = ENGINE
     model.train(qat)
     model.fuse_model(is_qat=qat)
-    # version=0: plain FakeQuantize. The default fused FakeQuantize (version=1) trains against per-channel weight
-    # qparams from its own kernel (e.g. zero_point -128 for an all-positive depthwise channel) while convert()
-    # re-derives symmetric ones from the observer, so the int8 model drifted from the QAT model (measured here:
-    # 75% / 88% prediction agreement for MobileNetV2 / ResNet18, against 98% / 99% with version=0).
+    # version=0: plain FakeQuantize. The fused default (version=1) trains against per-channel weight qparams of its
+    # own kernel while convert() re-derives symmetric ones from the observer, so the int8 model drifted from the
+    # QAT model (75-88% prediction agreement against 98-99%; docs/experiments.md).
     model.qconfig = tq.get_default_qat_qconfig(ENGINE, version=0) if qat else tq.get_default_qconfig(ENGINE)
     return (tq.prepare_qat if qat else tq.prepare)(model, inplace=True)
 
@@ -98,11 +78,11 @@ def convert_int8(model):
 def int32_bias(int8_model, away_from_zero=0.0):
     """Round every quantized conv/linear bias to the int32 grid (input scale x weight scale), in place.
 
-    fbgemm adds the float bias, while ONNX (QLinearConv) holds it as int32: the half-step difference, amplified
+    fbgemm adds the float bias, while ONNX (QLinearConv) holds it as int32: the half-step difference, compounded
     through MobileNetV2's 52 layers, made ONNX Runtime predict another class than PyTorch int8 for 2.7% of the
-    test images; on the grid both compute the same integers (100% agreement, measured). away_from_zero=0.25
-    moves each value a quarter step off the grid for torch.onnx's TorchScript exporter, which truncates
-    bias / scale to int32 instead of rounding it.
+    test images; on the grid both compute the same integers. away_from_zero=0.25 moves each value a quarter
+    step off the grid for torch.onnx's TorchScript exporter, which truncates bias / scale to int32 instead of
+    rounding it.
     """
     input_scale = {}
 

@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cifar  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
 
@@ -94,7 +95,7 @@ def same_images(train, batch_size):
 
 def our_batches(model_name, images, labels, batch_size):
     """cifar.py's training batches for the model: its crop padding and Cutout."""
-    d = models.DEFAULTS[model_name]
+    d = cifar.DEFAULTS[model_name]
     return utils.Batches(images, labels, batch_size, seed=0, device="cpu", padding=d["crop_padding"],
                          cutout=d["cutout"])
 
@@ -141,7 +142,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--levers", action="store_true", help="also time float training with one setting changed at a time")
     args = p.parse_args()
-    args.batch_size = args.batch_size or models.DEFAULTS[args.model]["batch_size"]
+    args.batch_size = args.batch_size or cifar.DEFAULTS[args.model]["batch_size"]
     torch.set_num_threads(args.threads)
     images, labels = utils.load_split(args.data_dir, train=True)
     need = (args.batches + 2 * args.warmup) * max(SEED_BATCH, args.batch_size, 256 if args.levers else 0)

@@ -98,3 +98,7 @@ def smoke(cifar_dir, tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[model] = (out / model, proc)
     return runs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the pipeline in subprocesses (pytest -m 'not slow' skips it)")

@@ -77,15 +77,15 @@ def test_out_dir_that_is_a_file(tmp_path):
 
 def test_help_shows_defaults():
     text = " ".join(cifar.get_args_parser().format_help().split())
-    per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in cifar.models.DEFAULTS.items())
+    per_model = lambda key: ", ".join(f"{v[key]} for {k}" for k, v in cifar.DEFAULTS.items())
     assert f"default: {per_model('epochs')}" in text and f"default: {per_model('batch_size')}" in text
     assert "(default: 50)" in text and "(default: save_models)" in text
 
 
 def test_per_model_defaults_fill_in():
     args = cifar.parse_args(["--model", "resnet18"])
-    assert args.epochs == cifar.models.DEFAULTS["resnet18"]["epochs"] and args.qat_lr == args.lr / 100
-    assert args.batch_size == cifar.models.DEFAULTS["resnet18"]["batch_size"]
+    assert args.epochs == cifar.DEFAULTS["resnet18"]["epochs"] and args.qat_lr == args.lr / 100
+    assert args.batch_size == cifar.DEFAULTS["resnet18"]["batch_size"]
     assert cifar.parse_args(["--model", "resnet18", "--batch-size", "7"]).batch_size == 7
 
 
