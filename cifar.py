@@ -31,8 +31,8 @@ import utils
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
 
-# The training recipe per model (--help shows it; flags override it). Epochs fit the run in 45 / 60 minutes on
-# 2 cores; on a slower or faster CPU use --time-budget. Evidence for each value: docs/experiments.md.
+# The training recipe per model (--help shows it; flags override it). The epochs fill 25 / 48 minutes on 2 AVX512
+# Xeon cores and run longer on AVX2 cores; --time-budget sizes them for any CPU. Evidence: docs/experiments.md.
 DEFAULTS = {
     "mobilenet_v2": dict(
         epochs=12,

@@ -9,7 +9,7 @@ from torch.ao import quantization as tq
 from torchvision.models import quantization as qmodels
 
 # Eager-mode quantization and TorchScript are deprecated in torch 2.14 but are what deploys today (README:
-# deprecations and pinning): silence exactly their messages, once cifar.py has said so; every other warning stays.
+# Deprecations and pinning): silence exactly their messages (cifar.py says so at start-up); every other warning stays.
 DEPRECATIONS = [
     "torch.ao.quantization is deprecated",
     r"`torch\.jit\.(trace|trace_method|freeze|optimize_for_inference|save|load)` is deprecated",
