@@ -102,3 +102,10 @@ def smoke(cifar_dir, tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs the pipeline in subprocesses (pytest -m 'not slow' skips it)")
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the real pipeline's fixtures are slow too."""
+    for item in items:
+        if {"smoke", "fitted", "finished"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -5,6 +5,8 @@ import torch
 import cifar
 from conftest import run_cli, write_folder
 
+pytestmark = pytest.mark.slow  # most tests here run cifar.py in a subprocess
+
 
 def assert_one_line_error(proc, *fragments):
     lines = proc.stderr.strip().splitlines()

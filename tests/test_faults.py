@@ -13,6 +13,8 @@ import utils
 from conftest import ROOT, run_cli
 from test_reliability import QUICK, data_dir  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.slow  # most tests here run cifar.py in a subprocess
+
 
 def one_line_error(proc, code, *fragments):
     lines = proc.stderr.strip().splitlines()
@@ -147,3 +149,14 @@ def test_a_failing_third_party_step_is_one_line_naming_the_stage(stage, data_dir
     assert not (out / "fp32.onnx").exists() and not (out / "int8.onnx").exists() and no_temp_files(tmp_path)
     debug = run("--debug", "--resume")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "simulated crash" in debug.stderr
+
+
+def test_deprecations_are_hidden_and_an_unrelated_warning_still_shows(data_dir, tmp_path):
+    code = ("import sys, warnings, cifar, utils; top1 = utils.top1;"
+            "utils.top1 = lambda *a: (warnings.warn('an unrelated warning'), top1(*a))[1];"
+            "sys.exit(cifar.cli(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *QUICK, "--data-dir", str(data_dir), "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "an unrelated warning" in proc.stderr
+    assert "deprecated" not in proc.stderr and proc.stdout.count("are deprecated in torch") == 1

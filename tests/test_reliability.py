@@ -12,6 +12,8 @@ import torch
 import utils
 from conftest import ROOT, run_cli, write_folder
 
+pytestmark = pytest.mark.slow  # most tests here run cifar.py in a subprocess
+
 QUICK = ["--model", "resnet18", "--epochs", "3", "--qat-epochs", "1", "--batch-size", "50", "--lr", "0.02",
          "--no-ptq", "--bench-runs", "2", "--bench-warmup", "0", "--bench-batch-sizes", "1"]
 
