@@ -11,6 +11,7 @@
 
     python cifar.py                      # the full default pipeline for model_name
     python cifar.py --epochs 3 --qat-epochs 1 --train-subset 4000 --test-subset 1000   # quick tour
+    torchrun --nproc-per-node 2 cifar.py ...   # float training and QAT on 2 processes (README: torchrun)
 """
 import argparse
 import copy
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 from torch.ao import quantization as tq
@@ -51,6 +53,12 @@ DEFAULTS = {
 }
 
 
+# torchrun's environment; a plain run is one process.
+WORLD_SIZE, LOCAL_RANK = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+LOCAL_WORLD_SIZE = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+TORCHRUN = "LOCAL_RANK" in os.environ
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -75,7 +83,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="training device (auto: cuda when available); conversion and benchmarks use the CPU")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for training and benchmarks")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() // LOCAL_WORLD_SIZE),
+                   help="CPU threads per process for training and benchmarks (default: cores / processes per machine)")
     p.add_argument("--train-subset", type=int, default=0, help="train on a class-balanced subset (0: all)")
     p.add_argument("--test-subset", type=int, default=0, help="test on a class-balanced subset (0: all)")
     g = p.add_argument_group("float training")
@@ -95,6 +104,8 @@ def get_args_parser():
                    help="choose the float epochs so that the whole run ends within this many minutes, from the "
                         "pace measured on the first batches (instead of --epochs)")
     g.add_argument("--float-checkpoint", default=None, help="start from this float state_dict; skip float training")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: batch-norm statistics of the global batch in float training (SyncBatchNorm)")
     p.add_argument("--debug", action="store_true", default=bool(os.environ.get("CIFAR_QAT_DEBUG")),
                    help="show the full traceback of a failure instead of one line (or set CIFAR_QAT_DEBUG=1)")
     p.add_argument("--resume", action="store_true",
@@ -153,6 +164,7 @@ def parse_args(argv=None):
         parser.error("--device cuda, but CUDA is not available here; use --device cpu or auto")
     if args.float_checkpoint and not Path(args.float_checkpoint).is_file():
         parser.error(f"--float-checkpoint '{args.float_checkpoint}' does not exist")
+    args.world_size = WORLD_SIZE
     return args
 
 
@@ -168,7 +180,13 @@ def check_out_dir(args):
 
 
 def load_data(args):
+    # Under torchrun, local rank 0 decodes (or downloads) first; the other processes of its machine then read the
+    # decode cache. Every process gets one barrier.
+    if dist.is_initialized() and LOCAL_RANK > 0:
+        dist.barrier()
     data = utils.load_cifar10(args.data_dir, args.cache_dir)
+    if dist.is_initialized() and LOCAL_RANK == 0:
+        dist.barrier()
     for split, n in (("train", args.train_subset), ("test", args.test_subset)):
         if n:
             images, labels = data[split]
@@ -182,7 +200,7 @@ def load_data(args):
 # The settings each training stage depends on: a checkpoint is reused only when they match.
 STAGE_SETTINGS = {
     "fp32": ("model", "seed", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_pct",
-             "label_smoothing", "crop_padding", "cutout", "train_subset", "float_checkpoint"),
+             "label_smoothing", "crop_padding", "cutout", "train_subset", "float_checkpoint", "world_size", "sync_bn"),
     "qat": ("qat_epochs", "qat_batches", "qat_lr", "qat_freeze_observer_after", "qat_freeze_bn_after"),
 }
 
@@ -238,6 +256,7 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
         torch.set_rng_state(resume["rng"])  # dropout draws from it
         history, done = [h for h in resume["history"] if h["stage"] == stage], resume["epoch"]
     batches.epoch = done
+    net = utils.distribute(model, device)  # after loading: DDP starts from rank 0's weights
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     guard = utils.LossGuard()
     for epoch in range(done + 1, epochs + 1):
@@ -246,14 +265,15 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
         start = time.perf_counter()
         try:
             loss, train_acc, ips, data_share = utils.train_one_epoch(
-                model, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}", guard)
+                net, batches, optimizer, scheduler, criterion, device, f"{stage} {epoch}/{epochs}", guard)
         except utils.Diverged as e:  # checkpoint.pt keeps the last finished epoch
             raise utils.Diverged(f"{stage} training diverged in epoch {epoch}/{epochs}: {e}; "
                                  f"{divergence_hint(args, stage)}") from None
         if stage == "qat":  # evaluate without letting test images move the quantization ranges
             model.apply(tq.disable_observer)
+        utils.broadcast_buffers(model)
         evaluated = time.perf_counter()
-        test_acc = utils.accuracy(model, data["test"], device)
+        test_acc = utils.accuracy(model, data["test"], device, sharded=True)
         row = dict(stage=stage, epoch=epoch, loss=loss, train_acc=train_acc, test_acc=test_acc,
                    images_per_s=ips, data_share=data_share, seconds=time.perf_counter() - start,
                    eval_seconds=time.perf_counter() - evaluated)
@@ -261,9 +281,10 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
         print(f"{stage} epoch {epoch}/{epochs}: loss {loss:.4f}  train {train_acc:.4f}  test {test_acc:.4f}  "
               f"{ips:.0f} img/s  data {data_share:.1%}  {row['seconds']:.0f}s"
               + (clock.epoch_done(stage, history) if clock else ""), flush=True)
-        utils.torch_save(dict(stage=stage, epoch=epoch, settings=stage_settings(args), model=model.state_dict(),
-                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
+        if utils.get_rank() == 0:  # every process holds the same weights; one writes them
+                utils.torch_save(dict(stage=stage, epoch=epoch, settings=stage_settings(args), model=model.state_dict(),
+                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                  rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
     return history
 
 
@@ -291,8 +312,10 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
     if ckpt and ckpt["stage"] == "qat":
         model.load_state_dict(utils.load_state_dict(out / "fp32.pt", model))
         return model, [h for h in ckpt["history"] if h["stage"] == "fp32"]
-    model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
+    # convert_sync_batchnorm replaces the BN children of its argument: the SyncBatchNorm copy trains, model returns
+    trained = utils.convert_sync_batchnorm(copy.deepcopy(model), device) if args.sync_bn and dist.is_initialized() else model
+    trained.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)
     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, padding=args.crop_padding,
                             cutout=args.cutout)
@@ -301,8 +324,9 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
     if peak < args.lr:
         print(f"note: a short run ({steps} steps < {SHORT_RUN_STEPS}): peak LR {peak:.3g} instead of {args.lr:g}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, peak, pct_start=args.warmup_pct, total_steps=steps)
-    history = fit(model, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt,
+    history = fit(trained, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt,
                   clock=clock)
+    model.load_state_dict(trained.state_dict())  # SyncBatchNorm has BatchNorm2d's parameters and buffers
     return model.cpu().to(memory_format=torch.contiguous_format), history
 
 
@@ -391,10 +415,11 @@ def measure_pace(args, data, device):
                 models.prepare_quantization(model, qat=True)
             model.to(device, memory_format=torch.channels_last)
             optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
+            net = utils.distribute(model, device)  # under torchrun the pace includes DDP's communication
             for n in (PROBE_WARMUP, PROBE_BATCHES):
                 batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
                                         padding=args.crop_padding, cutout=args.cutout)
-                pace[stage] = utils.train_one_epoch(model, batches, optimizer, None, criterion, device,
+                pace[stage] = utils.train_one_epoch(net, batches, optimizer, None, criterion, device,
                                                     f"timing {stage}", utils.LossGuard(factor=1e9))[2]
             if stage == "fp32":
                 images, start = data["test"][0][:1000], time.perf_counter()
@@ -419,7 +444,10 @@ def choose_epochs(clock, pace, budget_s, used_s):
 def plan_epochs(args, data, device, clock):
     """--time-budget: the float epochs from the pace measured here; the report's "time_budget" entry."""
     pace = measure_pace(args, data, device)
-    epochs, projected = choose_epochs(clock, pace, args.time_budget * 60, time.time() - clock.start)
+    choice = [choose_epochs(clock, pace, args.time_budget * 60, time.time() - clock.start), pace]
+    if dist.is_initialized():  # timings differ a little between processes: all follow rank 0's choice
+        dist.broadcast_object_list(choice, 0)
+    (epochs, projected), pace = choice
     print(f"time budget {args.time_budget:g} min: training at {pace['fp32']:.0f} img/s (QAT {pace['qat']:.0f}), "
           f"{epochs} float epochs, whole run projected at {projected / 60:.1f} min")
     return dict(minutes=args.time_budget, images_per_s=pace["fp32"], qat_images_per_s=pace["qat"],
@@ -515,20 +543,39 @@ def benchmark_latency(fp32_model, int8_ts, onnx_paths, args):
     return latency, speedup, fp32_form
 
 
+def setup_distributed(args):
+    """The training device, and under torchrun the process group (gloo on the CPU, nccl on CUDA, one GPU per
+    process); a plain run has none. Returns (device, report["distributed"])."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", LOCAL_RANK if TORCHRUN else 0) if use_cuda else torch.device("cpu")
+    if TORCHRUN:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    elif args.sync_bn:
+        print("note: --sync-bn has no effect in a single process (it is for torchrun)")
+    return device, dict(world_size=WORLD_SIZE, backend=dist.get_backend() if TORCHRUN else None,
+                        threads_per_process=args.threads,
+                        batch_per_process=args.batch_size, global_batch=args.batch_size * WORLD_SIZE,
+                        sync_bn=args.sync_bn and TORCHRUN, lr=args.lr, qat_lr=args.qat_lr)
+
+
 def main(args):
-    """The pipeline, stage by stage; the stage names are the keys of report.json's "seconds"."""
+    """The pipeline, stage by stage; the stage names are the keys of report.json's "seconds".
+
+    Under torchrun every process trains (float, QAT); rank 0 alone writes files and runs the later stages."""
     started = time.time()
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = models.ENGINE
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device, distributed = setup_distributed(args)
+    main_process = utils.get_rank() == 0
     out = check_out_dir(args)
     ckpt = load_checkpoint(args, out)
     stages = utils.Stages()
     report = dict(model=args.model, epochs=0 if args.float_checkpoint else args.epochs, qat_epochs=args.qat_epochs,
                   device=str(device), args=vars(args), environment=utils.environment(args.threads),
-                  accuracy={}, agreement={}, train_images_per_s={}, data_share={}, model_size_bytes={},
-                  seconds=stages.seconds, history=[], artifacts={})
+                  distributed=distributed, accuracy={}, agreement={}, train_images_per_s={}, data_share={},
+                  model_size_bytes={}, seconds=stages.seconds, history=[], artifacts={})
 
     def record_training(stage, history):
         report["history"] += history
@@ -548,16 +595,25 @@ def main(args):
             report["time_budget"] = plan_epochs(args, data, device, clock)
             report["epochs"] = args.epochs = report["time_budget"]["chosen_epochs"]
         fp32_model, fp32_history = train_float(args, data, device, out, ckpt, clock)
-        utils.check_finite(fp32_model, "the float model", divergence_hint(args, "fp32"))
-        fp32_preds = utils.predict(fp32_model, test_images)
-        utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
-        record_training("fp32", fp32_history)
-        report["accuracy"]["fp32"] = utils.top1(fp32_preds, test_labels)
-        report["artifacts"]["fp32_state_dict"] = "fp32.pt"
-    utils.save_report(report, out)
+        if main_process:
+            utils.check_finite(fp32_model, "the float model", divergence_hint(args, "fp32"))
+            fp32_preds = utils.predict(fp32_model, test_images)
+            utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
+            record_training("fp32", fp32_history)
+            report["accuracy"]["fp32"] = utils.top1(fp32_preds, test_labels)
+            report["artifacts"]["fp32_state_dict"] = "fp32.pt"
+            utils.save_report(report, out)
 
     with stages("qat_train"):  # 3. QAT fine-tuning
         qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
+        if dist.is_initialized():  # training is over: the other processes end here; rank 0 takes their cores
+            dist.barrier()
+            dist.destroy_process_group()
+            args.threads = min(os.cpu_count(), args.threads * LOCAL_WORLD_SIZE)
+            torch.set_num_threads(args.threads)
+            report["environment"]["threads"] = args.threads
+        if not main_process:
+            return None
         record_training("qat", history)
         # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
         report["accuracy"]["qat_fake_quant"] = history[-1]["test_acc"] if history else utils.accuracy(
@@ -604,23 +660,45 @@ def terminate(signum, frame):
     raise utils.Terminated()
 
 
+def resume_command(argv):
+    launcher = "python"
+    if TORCHRUN:
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+        launcher = f"torchrun --nproc-per-node {LOCAL_WORLD_SIZE}" if nodes == 1 else "torchrun (the same options)"
+    return f"{launcher} cifar.py {' '.join(a for a in argv if a != '--resume')} --resume".replace("  ", " ")
+
+
 def cli(argv=None):
-    """The command line: main() with every failure as one line on stderr and an exit code (README: exit codes)."""
+    """The command line: main() with every failure as one line on stderr and an exit code (README: exit codes).
+
+    Under torchrun the processes of one machine see the same input and print the same lines: local rank 0 speaks
+    for them; another process prints only an error of its own, prefixed with its rank.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    if LOCAL_RANK > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, terminate)
     try:
         main(args)
-    except (utils.UserError, utils.RunError) as e:
-        if args.debug:
+    except (utils.UserError, utils.RunError, KeyboardInterrupt) as e:
+        # torchrun sends SIGTERM to the others when a process ends: let nothing interrupt this message
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if args.debug and not isinstance(e, KeyboardInterrupt):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt as e:
-        what, code = ("terminated", 143) if isinstance(e, utils.Terminated) else ("interrupted", 130)
-        print(f"{what}: finished epochs are kept in {Path(args.out_dir) / args.model}/checkpoint.pt; continue with: "
-              f"python cifar.py {' '.join(a for a in argv if a != '--resume')} --resume".replace("  ", " "),
-              file=sys.stderr)
+        kept = f"finished epochs are kept in {Path(args.out_dir) / args.model}/checkpoint.pt; continue with: " \
+               f"{resume_command(argv)}"
+        if isinstance(e, KeyboardInterrupt):
+            what, code = ("terminated", 143) if isinstance(e, utils.Terminated) else ("interrupted", 130)
+            message = f"{what}: {kept}"
+        else:
+            code = e.exit_code
+            message = f"error: {e}" + (f"; {kept}" if isinstance(e, utils.PeerFailed) else "")
+        if LOCAL_RANK == 0:
+            print(message, file=sys.stderr)
+        elif isinstance(e, utils.RunError) and not isinstance(e, utils.PeerFailed):
+            print(f"rank {os.environ.get('RANK')}: {message}", file=sys.__stderr__)
         return code
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
@@ -46,6 +47,10 @@ class WriteError(RunError):
     exit_code = 4
 
 
+class PeerFailed(RunError):
+    """Under torchrun: a collective failed because another process of the job stopped (crash, kill, error)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, CI runners, docker stop, Kubernetes): handled like Ctrl-C, exit code 143."""
 
@@ -70,6 +75,9 @@ class Stages:
             raise
         except Exception as e:
             message = (str(e).strip().splitlines() or [""])[0][:300]
+            if dist.is_available() and dist.is_initialized() and (
+                    isinstance(e, dist.DistError) or "closed by peer" in message or "reset by peer" in message):
+                raise PeerFailed(f"stage {name}: another process of this torchrun job stopped ({message})") from e
             raise RunError(f"stage {name} failed: {type(e).__name__}: {message}") from e
         self.seconds[name] = time.perf_counter() - start
 
@@ -274,25 +282,37 @@ class Batches:
     Epoch e draws its order and augmentation from seed + e, so runs (and resumed runs) are repeatable.
     max_batches > 0 ends each epoch after that many batches (a different random part of the data each epoch);
     padding, cutout: the random crop's padding and the Cutout square's side (augment).
+    Under torchrun a step is one global batch of batch_size x world images, augmented whole on every process,
+    of which each process takes its share: the images and their augmentation per step do not depend on the
+    number of processes. A last global batch too small to give every process 2 images (BatchNorm) is dropped.
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, max_batches=0, padding=4, cutout=0):
+    def __init__(self, images, labels, batch_size, seed, device, max_batches=0, padding=4, cutout=0,
+                 rank=None, world=None):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed, self.max_batches = batch_size, seed, max_batches
         self.padding, self.cutout = padding, cutout
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world is None else world
         self.epoch, self.data_seconds = 0, 0.0  # a resumed run sets epoch to the epochs already done
 
     def __len__(self):
-        n = -(-len(self.labels) // self.batch_size)
+        step = self.batch_size * self.world
+        n = len(self.labels) // step + (len(self.labels) % step >= (2 * self.world if self.world > 1 else 1))
         return min(n, self.max_batches) if self.max_batches else n
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.labels), generator=g).to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        step = self.batch_size * self.world
+        for start in range(0, len(self) * step, step):
             t = time.perf_counter()
-            idx = order[start:start + self.batch_size]
-            x = normalize(augment(self.images[idx], g, self.padding, self.cutout))
+            idx = order[start:start + step]
+            x = augment(self.images[idx], g, self.padding, self.cutout)
+            if self.world > 1:
+                share = torch.arange(len(idx), device=idx.device).tensor_split(self.world)[self.rank]
+                x, idx = x[share], idx[share]
+            x = normalize(x)
             self.data_seconds += time.perf_counter() - t
             yield x, self.labels[idx]
         self.epoch += 1
@@ -315,7 +335,8 @@ class LossGuard:
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, desc, guard):
-    """One pass over batches; returns (mean loss, train accuracy, images/s, data share of the time).
+    """One pass over batches; returns (mean loss, train accuracy, images/s, data share of the time), all of the
+    global batches under torchrun (model: then the DistributedDataParallel wrapper).
 
     guard: a LossGuard; a batch it rejects raises Diverged before the optimizer steps on that loss.
     """
@@ -327,7 +348,11 @@ def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, des
     for i, (x, y) in enumerate(bar, 1):
         out = model(x.to(device, non_blocking=True))
         loss = criterion(out, y)
-        value = loss.item()
+        value, n, hits = loss.item(), len(y), (out.argmax(1) == y).sum().item()
+        if get_world_size() > 1:  # the global batch's loss: every process takes the same guard decision
+            value, n, hits, local = *all_reduce_stats(value * n, n, hits), n
+            value /= n
+            loss = loss * (local * get_world_size() / n)  # DDP's mean of the shares = the global batch's mean
         if not guard(value):
             bar.close()
             raise Diverged(f"loss {value:.4g} in batch {i}/{len(batches)}")
@@ -336,9 +361,9 @@ def train_one_epoch(model, batches, optimizer, scheduler, criterion, device, des
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += value * len(y)
-        correct += (out.argmax(1) == y).sum().item()
-        seen += len(y)
+        loss_sum += value * n
+        correct += hits
+        seen += n
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     seconds = time.perf_counter() - start
     return loss_sum / seen, correct / seen, seen / seconds, batches.data_seconds / seconds
@@ -352,9 +377,14 @@ def predict(model, images, device="cpu", batch_size=500):
                       for i in range(0, len(images), batch_size)])
 
 
-def accuracy(model, data, device="cpu"):
+def accuracy(model, data, device="cpu", sharded=False):
+    """Top-1 on data; sharded: every process of a torchrun job predicts its part and the counts are summed."""
     images, labels = data
-    return (predict(model, images, device) == labels).float().mean().item()
+    if not sharded or get_world_size() == 1:
+        return (predict(model, images, device) == labels).float().mean().item()
+    part = torch.arange(len(labels)).tensor_split(get_world_size())[get_rank()]
+    hits = (predict(model, images[part], device) == labels[part]).sum().item()
+    return all_reduce_stats(hits)[0] / len(labels)
 
 
 def top1(preds, labels):
@@ -375,6 +405,77 @@ def load_state_dict(path, model):
     if bad:
         raise UserError(f"'{path}' holds non-finite values ({bad})")
     return state
+
+
+# ---------------------------------------------------------------- distributed (torchrun)
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_stats(*values):
+    """Sums of a few numbers over the processes of the job (float64, so that counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_buffers(model):
+    """Rank 0's buffers (BN statistics, quantization ranges) on every process. DDP broadcasts them before each
+    forward only, so after an epoch's last step every process holds its own update; this makes them equal."""
+    if get_world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def distribute(model, device):
+    """model wrapped in DistributedDataParallel under torchrun (the wrapper shares model's parameters), else model."""
+    if get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
+
+
+class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch on the CPU (gloo): torch's nn.SyncBatchNorm runs on
+    GPUs only (its kernels are CUDA ones, and DDP refuses it on CPU modules).
+
+    The batch mean and variance come from sums over all processes; the functional all_reduce is differentiable
+    (its backward all-reduces the gradient), so autograd gives the backward nn.SyncBatchNorm computes. Eval mode
+    is BatchNorm2d's.
+    """
+
+    def forward(self, x):
+        if not self.training or get_world_size() == 1:
+            return super().forward(x)
+        # torch.distributed.nn.functional.all_reduce is deprecated in favour of this one
+        from torch.distributed._functional_collectives import all_reduce
+        total = lambda t: all_reduce(t, "sum", dist.group.WORLD)
+        dims, shape = [0, 2, 3], (1, -1, 1, 1)
+        count = total(torch.tensor([float(x.numel() // x.shape[1])]))
+        mean = total(x.sum(dims)) / count  # two passes, as the single-process kernel, for equal rounding
+        var = total(((x - mean.view(shape)) ** 2).sum(dims)) / count
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
+def convert_sync_batchnorm(model, device):
+    """--sync-bn: model's BatchNorm2d layers (in place) as nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm on the CPU."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = CPUSyncBatchNorm  # the same parameters and buffers; only forward differs
+    return model
 
 
 # ---------------------------------------------------------------- ONNX
