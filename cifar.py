@@ -228,7 +228,8 @@ def load_checkpoint(args, out):
                               f"delete it or run without --resume") from None
     if args.time_budget is not None:  # a resumed --time-budget run keeps the epochs it chose
         args.epochs = settings["fp32"]["epochs"]
-    differ = [f"--{k.replace('_', '-')} {v} (this run: {getattr(args, k)})"
+    flag = lambda k: "processes" if k == "world_size" else f"--{k.replace('_', '-')}"
+    differ = [f"{flag(k)} {v} (this run: {getattr(args, k)})"
               for k, v in settings["fp32"].items() if getattr(args, k, None) != v]
     if differ:
         raise utils.UserError(f"'{path}' was made with other float settings: {'; '.join(differ)}; "
@@ -554,10 +555,11 @@ def setup_distributed(args):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     elif args.sync_bn:
         print("note: --sync-bn has no effect in a single process (it is for torchrun)")
+        args.sync_bn = False
     return device, dict(world_size=WORLD_SIZE, backend=dist.get_backend() if TORCHRUN else None,
                         threads_per_process=args.threads,
                         batch_per_process=args.batch_size, global_batch=args.batch_size * WORLD_SIZE,
-                        sync_bn=args.sync_bn and TORCHRUN, lr=args.lr, qat_lr=args.qat_lr)
+                        sync_bn=args.sync_bn, lr=args.lr, qat_lr=args.qat_lr)
 
 
 def main(args):

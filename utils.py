@@ -437,6 +437,14 @@ def distribute(model, device):
     if get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
+    from torch.ao.quantization import FakeQuantizeBase
+    # Kernels with a size-1 dimension (1x1, depthwise) are the same memory in channels_last and contiguous strides.
+    # DDP's buckets take the parameter's strides and want the grad's to match: conv grads come in channels_last,
+    # QAT's (of the scaled, fake-quantized weight) in contiguous strides.
+    if any(isinstance(m, FakeQuantizeBase) for m in model.modules()):
+        for param in model.parameters():
+            if param.dim() == 4 and param.is_contiguous() and param.is_contiguous(memory_format=torch.channels_last):
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    gradient_as_bucket_view=True)
 
