@@ -283,7 +283,7 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
               f"{ips:.0f} img/s  data {data_share:.1%}  {row['seconds']:.0f}s"
               + (clock.epoch_done(stage, history) if clock else ""), flush=True)
         if utils.get_rank() == 0:  # every process holds the same weights; one writes them
-                utils.torch_save(dict(stage=stage, epoch=epoch, settings=stage_settings(args), model=model.state_dict(),
+            utils.torch_save(dict(stage=stage, epoch=epoch, settings=stage_settings(args), model=model.state_dict(),
                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                   rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
     return history
@@ -313,8 +313,9 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
     if ckpt and ckpt["stage"] == "qat":
         model.load_state_dict(utils.load_state_dict(out / "fp32.pt", model))
         return model, [h for h in ckpt["history"] if h["stage"] == "fp32"]
-    # convert_sync_batchnorm replaces the BN children of its argument: the SyncBatchNorm copy trains, model returns
-    trained = utils.convert_sync_batchnorm(copy.deepcopy(model), device) if args.sync_bn and dist.is_initialized() else model
+    # --sync-bn converts the BN layers of a copy, which trains; model keeps plain BN for fusion, PTQ and export
+    sync = args.sync_bn and dist.is_initialized()
+    trained = utils.convert_sync_batchnorm(copy.deepcopy(model), device) if sync else model
     trained.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)

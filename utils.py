@@ -555,10 +555,21 @@ def environment(threads):
     import onnx
     import onnxruntime
     import torchvision
-    cpu = platform_cpu()
     return dict(torch=torch.__version__, torchvision=torchvision.__version__, onnx=onnx.__version__,
                 onnxruntime=onnxruntime.__version__, threads=threads, cores=os.cpu_count(),
-                quantized_engine=torch.backends.quantized.engine, cpu=cpu, python=platform.python_version())
+                quantized_engine=torch.backends.quantized.engine, cpu=platform_cpu(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), vnni=cpu_has_vnni(),
+                python=platform.python_version())
+
+
+def cpu_has_vnni(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI): they decide which int8 kernels
+    win. None where cpuinfo cannot say."""
+    try:
+        flags = next(line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split(":", 1)[1].split()))
 
 
 def platform_cpu():

@@ -137,3 +137,12 @@ def test_max_batches_ends_each_epoch_early_on_a_fresh_part_of_the_data():
     assert len(batches) == 2 and len(first) == len(second) == 32
     assert len(set(first.tolist())) == 32 and set(first.tolist()) != set(second.tolist())
     assert len(utils.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=9)) == 4
+
+
+def test_vnni_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n")
+    assert utils.cpu_has_vnni(info) is True
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n")  # AVX2/AVX512 only
+    assert utils.cpu_has_vnni(info) is False
+    assert utils.cpu_has_vnni(tmp_path / "missing") is None

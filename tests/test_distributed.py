@@ -96,7 +96,8 @@ def qat_worker(rank, world, init_file, result):
     scales = lambda: {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("scale", "zero_point"))}
     before = scales()
     utils.broadcast_buffers(model)
-    result[rank] = dict(before=before, after=scales(), weights={k: v.detach().clone() for k, v in model.named_parameters()})
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result[rank] = dict(before=before, after=scales(), weights=weights)
     dist.destroy_process_group()
 
 

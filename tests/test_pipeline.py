@@ -39,6 +39,7 @@ def test_report_has_every_key(smoke, model):
     env = r["environment"]
     assert env["quantized_engine"] == "fbgemm" and env["threads"] >= 1 and env["torch"].startswith("2.14.1")
     assert {"onnx", "onnxruntime", "torchvision", "cpu"} <= set(env)
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["vnni"] in (True, False, None)
     for artifact in r["artifacts"].values():
         assert (smoke[model][0] / artifact).is_file(), artifact
     assert {"fp32_state_dict", "int8_torchscript", "qat_state_dict", "fp32_onnx", "int8_onnx",
