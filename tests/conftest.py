@@ -63,6 +63,12 @@ def official(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A generated image folder of 20 images per class and split, for quick pipeline runs."""
+    return write_folder(tmp_path_factory.mktemp("data") / "cifar", per_class=20)
+
+
+@pytest.fixture(scope="session")
 def cifar_dir():
     d = os.environ.get("CIFAR10_DIR")
     if not d:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import utils
-from conftest import ROOT, write_folder
+from conftest import ROOT
 
 
 def test_the_shares_of_a_global_batch_are_the_single_process_batch():
@@ -147,21 +147,16 @@ def weight_distance(a, b):
 
 
 @pytest.fixture(scope="module")
-def tr_data(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("data") / "cifar", per_class=20)
-
-
-@pytest.fixture(scope="module")
-def runs(tr_data, tmp_path_factory):
+def runs(data_dir, tmp_path_factory):
     """One float epoch (4 steps of 50 images) + one QAT epoch: 1 process, and 2 x 25 with and without --sync-bn."""
     from conftest import run_cli
     root = tmp_path_factory.mktemp("torchrun")
-    one = run_cli(*ARGS, "--epochs", 1, "--batch-size", 50, "--threads", 1, "--data-dir", tr_data,
+    one = run_cli(*ARGS, "--epochs", 1, "--batch-size", 50, "--threads", 1, "--data-dir", data_dir,
                   "--out-dir", root / "one")
     assert one.returncode == 0, one.stderr[-2000:]
     runs = {"one": (root / "one" / "resnet18", None)}
     for name, extra in (("sync", ["--sync-bn"]), ("nosync", [])):
-        proc = torchrun("--epochs", 1, "--batch-size", 25, *extra, probe=root / f"probe_{name}", data_dir=tr_data,
+        proc = torchrun("--epochs", 1, "--batch-size", 25, *extra, probe=root / f"probe_{name}", data_dir=data_dir,
                         out=root / name)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = (root / name / "resnet18", root / f"probe_{name}")
@@ -200,9 +195,9 @@ def test_sync_bn_gives_the_single_process_weights_and_plain_ddp_nearly(runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bad", [["--epochs", "0"], ["--data-dir", "/nonexistent/cifar"]])
-def test_bad_input_is_one_line_once(tr_data, tmp_path, bad):
+def test_bad_input_is_one_line_once(data_dir, tmp_path, bad):
     args = ["--epochs", "1", *bad] if bad[0] == "--epochs" else ["--epochs", "1"]
-    proc = torchrun(*args, probe=tmp_path / "probe", data_dir=bad[1] if bad[0] == "--data-dir" else tr_data,
+    proc = torchrun(*args, probe=tmp_path / "probe", data_dir=bad[1] if bad[0] == "--data-dir" else data_dir,
                     out=tmp_path / "out")
     lines = our_lines(proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1 and "error:" in lines[0], proc.stderr[-3000:]
@@ -210,11 +205,11 @@ def test_bad_input_is_one_line_once(tr_data, tmp_path, bad):
 
 
 @pytest.mark.slow
-def test_a_killed_process_ends_the_job_and_resume_gives_the_uninterrupted_weights(tr_data, tmp_path):
-    ref = torchrun("--epochs", 3, "--batch-size", 25, probe=tmp_path / "p_ref", data_dir=tr_data, out=tmp_path / "ref")
+def test_a_killed_process_ends_the_job_and_resume_gives_the_uninterrupted_weights(data_dir, tmp_path):
+    ref = torchrun("--epochs", 3, "--batch-size", 25, probe=tmp_path / "p_ref", data_dir=data_dir, out=tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     out, probe = tmp_path / "run", tmp_path / "p_run"
-    proc = torchrun("--epochs", 3, "--batch-size", 25, probe=probe, data_dir=tr_data, out=out, wait=False)
+    proc = torchrun("--epochs", 3, "--batch-size", 25, probe=probe, data_dir=data_dir, out=out, wait=False)
     ckpt, deadline = out / "resnet18" / "checkpoint.pt", time.time() + 300
     while not (ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 1):
         assert time.time() < deadline and proc.poll() is None, "the run never reached its first checkpoint"
@@ -224,7 +219,7 @@ def test_a_killed_process_ends_the_job_and_resume_gives_the_uninterrupted_weight
     lines = our_lines(stderr)
     assert proc.returncode != 0 and len(lines) == 1 and "--resume" in lines[0] and "torchrun" in lines[0], stderr
     assert not (out / "resnet18" / "qat.pt").exists()
-    resumed = torchrun("--epochs", 3, "--batch-size", 25, "--resume", probe=probe, data_dir=tr_data, out=out)
+    resumed = torchrun("--epochs", 3, "--batch-size", 25, "--resume", probe=probe, data_dir=data_dir, out=out)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
     for name in ("fp32.pt", "qat.pt"):
         assert weight_distance(tmp_path / "ref" / "resnet18" / name, out / "resnet18" / name) == 0

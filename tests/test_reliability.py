@@ -28,11 +28,6 @@ def same_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("data") / "cifar", per_class=20)
-
-
-@pytest.fixture(scope="module")
 def finished(data_dir, tmp_path_factory):
     """An uninterrupted quick run."""
     out = tmp_path_factory.mktemp("finished")
