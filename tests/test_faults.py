@@ -11,7 +11,7 @@ import cifar
 import models
 import utils
 from conftest import ROOT, run_cli
-from test_reliability import QUICK, data_dir  # noqa: F401 (a fixture)
+from test_reliability import QUICK
 
 pytestmark = pytest.mark.slow  # most tests here run cifar.py in a subprocess
 
