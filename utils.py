@@ -297,8 +297,9 @@ class Batches:
         self.epoch, self.data_seconds = 0, 0.0  # a resumed run sets epoch to the epochs already done
 
     def __len__(self):
-        step = self.batch_size * self.world
-        n = len(self.labels) // step + (len(self.labels) % step >= (2 * self.world if self.world > 1 else 1))
+        step, rest = self.batch_size * self.world, len(self.labels) % (self.batch_size * self.world)
+        smallest = 1 if self.world == 1 else 2 * self.world  # a last batch must give each process 2 images
+        n = len(self.labels) // step + (rest >= smallest)
         return min(n, self.max_batches) if self.max_batches else n
 
     def __iter__(self):
@@ -562,24 +563,24 @@ def environment(threads):
                 python=platform.python_version())
 
 
+def cpuinfo_field(name, cpuinfo="/proc/cpuinfo"):
+    """The value of the first `name` line of /proc/cpuinfo, or None where there is none (not Linux, ARM fields)."""
+    try:
+        line = next(l for l in Path(cpuinfo).read_text().splitlines() if l.split(":")[0].strip() == name)
+    except (OSError, StopIteration):
+        return None
+    return line.split(":", 1)[1].strip()
+
+
 def cpu_has_vnni(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI): they decide which int8 kernels
     win. None where cpuinfo cannot say."""
-    try:
-        flags = next(line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
-    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split(":", 1)[1].split()))
+    flags = cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 def platform_cpu():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- report

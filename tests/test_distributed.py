@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def test_the_shares_of_a_global_batch_are_the_single_process_batch():
@@ -149,7 +149,6 @@ def weight_distance(a, b):
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """One float epoch (4 steps of 50 images) + one QAT epoch: 1 process, and 2 x 25 with and without --sync-bn."""
-    from conftest import run_cli
     root = tmp_path_factory.mktemp("torchrun")
     one = run_cli(*ARGS, "--epochs", 1, "--batch-size", 50, "--threads", 1, "--data-dir", data_dir,
                   "--out-dir", root / "one")
