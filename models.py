@@ -66,6 +66,9 @@ def prepare_quantization(model, qat):
     # own kernel while convert() re-derives symmetric ones from the observer, so the int8 model drifted from the
     # QAT model (75-88% prediction agreement against 98-99%; docs/experiments.md).
     model.qconfig = tq.get_default_qat_qconfig(ENGINE, version=0) if qat else tq.get_default_qconfig(ENGINE)
+    for m in model.modules():  # MobileNetV2's blocks without a residual never call skip_add: no observer for it
+        if getattr(m, "use_res_connect", True) is False:
+            m.skip_add.qconfig = None
     return (tq.prepare_qat if qat else tq.prepare)(model, inplace=True)
 
 

@@ -162,3 +162,16 @@ def test_only_the_ao_quantization_deprecation_is_silenced():
     messages = [str(w.message) for w in caught]
     assert not any("torch.ao.quantization is deprecated" in m for m in messages)
     assert "another deprecation" in messages
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_convert_warns_of_no_observer_that_never_ran(qat):
+    # MobileNetV2's blocks without a residual hold a skip_add they never call: it must get no observer
+    model = models.prepare_quantization(models.create_model("mobilenet_v2"), qat=qat)
+    model(torch.randn(4, 3, 32, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models.convert_int8(model)
+    assert not [w for w in caught if "must run observer" in str(w.message)]
+    assert isinstance(model.features[1].skip_add.activation_post_process, nn.Identity)
+    assert not isinstance(model.features[3].skip_add.activation_post_process, nn.Identity)  # a residual block's
