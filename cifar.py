@@ -6,7 +6,8 @@
 4. convert     int8 conversion, TorchScript (int8.pt)
 5. ptq         post-training quantization baseline from the same float weights
 6. onnx        ONNX export, check, onnxsim, ONNX Runtime verification
-7. benchmark   CPU latency of every form
+7. deploy      every int8 and fp32 form in PyTorch (each quantized engine), ONNX Runtime and OpenVINO:
+               verified on the test set, timed, the fastest verified recommended
 8. report      report.json, report.md, plots
 
     python cifar.py                      # the full default pipeline for model_name
@@ -123,7 +124,9 @@ def get_args_parser():
                    help="QAT epochs after which batch-norm statistics are frozen")
     g.add_argument("--ptq-batches", type=int, default=32, help="training batches used to calibrate PTQ")
     g.add_argument("--no-ptq", action="store_true", help="skip the post-training quantization baseline")
-    g = p.add_argument_group("benchmark")
+    g = p.add_argument_group("deploy: every form verified and timed")
+    g.add_argument("--deploy-runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
+                   help="runtimes to verify and time (one that is not installed is a note)")
     g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batch sizes")
     g.add_argument("--bench-runs", type=int, default=50, help="timed runs per measurement (after warm-up)")
     g.add_argument("--bench-warmup", type=int, default=10)
@@ -497,7 +500,7 @@ def export_and_verify_onnx(torch_models, data, out, threads):
 
 
 def fp32_candidates(fp32_model):
-    """Plain-PyTorch CPU forms of the fp32 model; the benchmark keeps the fastest at each batch size.
+    """Plain-PyTorch CPU forms of the fp32 model besides eager NCHW.
 
     Which wins depends on the model and batch size (measured), so all are timed rather than one assumed.
     """
@@ -512,37 +515,152 @@ def fp32_candidates(fp32_model):
                 "eager_channels_last": to_nhwc(nhwc)}
 
 
-def benchmark_latency(fp32_model, int8_ts, onnx_paths, args):
-    """CPU latency (median, p90 in ms) of every deployable form at each batch size, all in this one process.
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+# A form is verified when it predicts the class of its precision's reference for this share of the test images
+# and its top-1 is this close to the reference's; only verified forms are recommended.
+AGREEMENT_MIN, TOP1_TOLERANCE = 0.99, 0.002
+BENCH_ROUNDS = 5  # interleaved rounds; --bench-runs calls per form are spread over them
+BENCH_SETTLE_S = 0.01  # pause before each form's turn: the runtime timed before stops spinning its threads
 
-    fp32_eager is the seed's baseline; fp32 is the fastest of fp32_candidates (the winner is recorded).
-    """
-    sessions = {name: utils.ort_session(path, args.threads) for name, path in onnx_paths.items()}
-    runners = {
-        "fp32_eager": fp32_model.eval(),
-        "int8": int8_ts,
-        "fp32_onnx": lambda x: sessions["fp32"].run(None, {"input": x.numpy()}),
-        "int8_onnx": lambda x: sessions["int8"].run(None, {"input": x.numpy()}),
-    }
-    candidates = fp32_candidates(fp32_model)
-    latency = {name: {} for name in ["fp32_eager", "fp32", "int8", "fp32_onnx", "int8_onnx"]}
-    fp32_form = {}
+
+def on_engine(module, engine):
+    def run(x):
+        torch.backends.quantized.engine = engine  # some quantized ops (add, pooling) read it when they run
+        return module(x)
+    return run
+
+
+def deploy_forms(fp32_model, out, args):
+    """Every deployable form of fp32 and int8, loaded from the saved files the way a user would load them.
+
+    Returns (forms, notes): forms are dicts {name, runtime, engine, settings, precision, runs: {batch: fn(x)}};
+    a runtime that is not installed or a file it cannot load gives a note instead of a form."""
+    forms, notes, sizes = [], [], args.bench_batch_sizes
+    each = lambda fn: {b: fn for b in sizes}
+
+    def add(name, runtime, precision, make, engine=None):
+        try:
+            runs, settings = make()
+        except Exception as e:  # a form that cannot be built is reported, never fatal
+            notes.append(f"{name}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            return
+        forms.append(dict(name=name, runtime=runtime, engine=engine, settings=settings, precision=precision,
+                          runs=runs))
+
+    def installed(runtime, package):
+        try:
+            __import__(package)
+            return True
+        except ImportError:
+            notes.append(f"{runtime} is not installed (pip install -r requirements.txt): its forms are not timed")
+            return False
+
+    threads = dict(threads=args.threads)
+    if "torch" in args.deploy_runtimes:
+        for engine in [e for e in torch.backends.quantized.supported_engines if e != "none"]:
+            def load(engine=engine):  # TorchScript re-packs the int8 weights for the engine set when it loads
+                torch.backends.quantized.engine = engine
+                return each(on_engine(torch.jit.load(out / "int8.pt"), engine)), threads
+            add(f"torch_int8_{engine}", "torch", "int8", load, engine=engine)
+        torch.backends.quantized.engine = models.ENGINE
+        for form, fn in {"eager": fp32_model.eval(), **fp32_candidates(fp32_model)}.items():
+            add(f"torch_fp32_{form}", "torch", "fp32", lambda fn=fn, form=form: (each(fn), dict(threads, form=form)))
+    if "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime"):
+        for precision in ("fp32", "int8"):
+            def load(precision=precision):
+                session = utils.ort_session(out / f"{precision}.onnx", args.threads)
+                return (each(lambda x: session.run(None, {"input": x.numpy()})[0]),
+                        dict(threads, graph_optimization="all"))
+            add(f"onnxruntime_{precision}", "onnxruntime", precision, load)
+    if "openvino" in args.deploy_runtimes and installed("openvino", "openvino"):
+        import openvino as ov
+        variants = [("fp32", "fp32.onnx", "f32"), ("int8", "int8.onnx", None)]
+        if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # OpenVINO's default there
+            variants.append(("bf16", "fp32.onnx", "bf16"))
+        for precision, file, hint_precision in variants:
+            def latency(file=file, hint_precision=hint_precision):
+                compiled = {b: utils.openvino_compile(out / file, args.threads, b, "LATENCY", hint_precision)
+                            for b in sizes}
+                return {b: utils.openvino_runner(c) for b, (c, _) in compiled.items()}, compiled[sizes[0]][1]
+            add(f"openvino_{precision}", "openvino", precision, latency)
+        for precision, file, hint_precision in variants[:2]:
+            # the throughput hint splits the CPU into streams: a batch is cut into one request per stream
+            def throughput(file=file, hint_precision=hint_precision):
+                _, probe = utils.openvino_compile(out / file, args.threads, 1, "THROUGHPUT", hint_precision)
+                n = probe["streams"]
+                fit = [b for b in sizes if n > 1 and b % n == 0]
+                if max(sizes) not in fit:  # verification runs at the largest batch size
+                    return {}, probe
+                runs = {b: utils.openvino_parallel_runner(utils.openvino_compile(
+                    out / file, args.threads, b // n, "THROUGHPUT", hint_precision)[0], n) for b in fit}
+                return runs, dict(probe, requests_per_batch=n)
+            add(f"openvino_{precision}_throughput", "openvino", precision, throughput)
+        forms = [f for f in forms if f["runs"]]  # the throughput forms exist only where a batch splits
+    return forms, notes
+
+
+def verify_forms(forms, data, references):
+    """Top-1 and agreement of every form on the whole test set, called at the largest benchmark batch size.
+
+    references: {precision: test-set predictions of its reference}; fills top1, agreement, verified, note."""
+    images, labels = data["test"]
+    ref_top1 = {p: utils.top1(preds, labels) for p, preds in references.items()}
     with torch.inference_mode():
-        for bs in map(str, args.bench_batch_sizes):
-            x = torch.randn(int(bs), 3, 32, 32)
-            measure = lambda run: utils.time_it(lambda: run(x), args.bench_warmup, args.bench_runs)
-            for name, run in runners.items():
-                latency[name][bs] = measure(run)
-            forms = {form: measure(run) for form, run in candidates.items()}
-            fp32_form[bs] = min(forms, key=lambda f: forms[f]["median"])
-            latency["fp32"][bs] = forms[fp32_form[bs]]
-            print(f"latency at batch {bs} (median ms): " + ", ".join(
-                f"{name} {latency[name][bs]['median']:.3f}" for name in latency) + f"; fp32 = {fp32_form[bs]}",
-                flush=True)
-    ratio = lambda a, b: {bs: latency[a][bs]["median"] / latency[b][bs]["median"] for bs in latency[a]}
-    speedup = {"int8_vs_fp32": ratio("fp32", "int8"), "int8_vs_fp32_eager": ratio("fp32_eager", "int8"),
-               "int8_onnx_vs_fp32_onnx": ratio("fp32_onnx", "int8_onnx")}
-    return latency, speedup, fp32_form
+        for f in tqdm(forms, desc="verify", leave=False, disable=None):
+            batch = max(f["runs"])
+            try:
+                preds = utils.predict_fixed_batch(f["runs"][batch], images, batch)
+            except Exception as e:
+                f.update(top1=None, agreement=None, verified=False,
+                         note=f"failed on the test set ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                continue
+            ref = "fp32" if f["precision"] == "bf16" else f["precision"]
+            f["top1"], f["agreement"] = utils.top1(preds, labels), utils.top1(preds, references[ref])
+            problems = ([f"agreement {f['agreement']:.4f} < {AGREEMENT_MIN}"] if f["agreement"] < AGREEMENT_MIN
+                        else []) + ([f"top-1 {f['top1']:.4f} vs the reference's {ref_top1[ref]:.4f}"]
+                                    if abs(f["top1"] - ref_top1[ref]) > TOP1_TOLERANCE + 1e-9 else [])
+            f["verified"], f["note"] = not problems, "; ".join(problems)
+
+
+def time_forms(forms, args):
+    """Latency (median, p90 in ms) of every form at each batch size, all forms interleaved in this process."""
+    with torch.inference_mode():
+        for b in args.bench_batch_sizes:
+            x = torch.randn(b, 3, 32, 32)
+            ran = [f for f in forms if b in f["runs"] and f["top1"] is not None]
+            times = utils.time_interleaved({f["name"]: (lambda run=f["runs"][b]: run(x)) for f in ran},
+                                           args.bench_warmup, args.bench_runs, BENCH_ROUNDS, BENCH_SETTLE_S)
+            for f in ran:
+                f.setdefault("latency_ms", {})[str(b)] = times[f["name"]]
+    torch.backends.quantized.engine = models.ENGINE
+
+
+def deploy(fp32_model, fp32_preds, int8_preds, data, out, args):
+    """Stage 7: build, verify and time every form; returns the report's deploy entries."""
+    forms, notes = deploy_forms(fp32_model, out, args)
+    for note in notes:
+        print(f"note: {note}")
+    verify_forms(forms, data, {"int8": int8_preds, "fp32": fp32_preds})
+    time_forms(forms, args)
+    rows = [dict({k: v for k, v in f.items() if k != "runs"}, latency_ms=f.get("latency_ms", {})) for f in forms]
+    recommended, best = utils.recommend(rows, args.bench_batch_sizes)
+    median = {f["name"]: {b: v["median"] for b, v in f["latency_ms"].items()} for f in rows}
+    compiled = [median[n] for n in median if n.startswith("torch_fp32_") and n != "torch_fp32_eager"]
+    if compiled:  # the earlier headline: int8 against the fastest plain-PyTorch fp32 form other than eager NCHW
+        median["torch_fp32"] = {b: min(m[b] for m in compiled) for b in compiled[0]}
+    ratio = lambda a, b: ({k: median[a][k] / median[b][k] for k in median[b] if k in median[a]}
+                          if {a, b} <= set(median) else None)
+    speedup = dict(best_int8_vs_best_fp32=best, int8_vs_fp32=ratio("torch_fp32", f"torch_int8_{models.ENGINE}"),
+                   int8_vs_fp32_eager=ratio("torch_fp32_eager", f"torch_int8_{models.ENGINE}"),
+                   int8_onnx_vs_fp32_onnx=ratio("onnxruntime_fp32", "onnxruntime_int8"))
+    settings = dict(threads=args.threads, warmup=args.bench_warmup, runs=args.bench_runs, rounds=BENCH_ROUNDS,
+                    settle_s=BENCH_SETTLE_S,
+                    verify_batch=max(args.bench_batch_sizes), images=len(data["test"][1]), agreement_min=AGREEMENT_MIN,
+                    top1_tolerance=TOP1_TOLERANCE,
+                    references={"int8": f"torch int8 ({models.ENGINE}, the converted model)",
+                                "fp32": "torch fp32 eager", "bf16": "torch fp32 eager"})
+    return dict(deploy=rows, recommended=recommended, speedup={k: v for k, v in speedup.items() if v is not None},
+                deploy_settings=settings, deploy_notes=notes)
 
 
 def setup_distributed(args):
@@ -643,9 +761,9 @@ def main(args):
         report["agreement"].update(onnx_report["agreement"])
         report["artifacts"].update(fp32_onnx="fp32.onnx", int8_onnx="int8.onnx")
 
-    with stages("benchmark"):  # 7. CPU latency benchmark
-        report["latency_ms"], report["speedup"], report["fp32_fastest_form"] = benchmark_latency(
-            fp32_model, int8_ts, onnx_paths, args)
+    with stages("deploy"):  # 7. every form in every runtime: verified, timed, the fastest recommended
+        report.update(deploy(fp32_model, fp32_preds, int8_preds, data, out, args))
+        print(utils.deploy_table(report))
 
     with stages("report"):  # 8. report.json, report.md, plots
         for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), ("fp32_onnx", "fp32.onnx"),
@@ -656,6 +774,7 @@ def main(args):
         utils.save_report(report, out, plots=True)
     print(utils.summary(report))
     print(f"outputs in {out}/: {', '.join(sorted(report['artifacts'].values()))}, report.json, report.md")
+    print("\n".join(utils.recommendation_lines(report)))
     return report
 
 

@@ -1,6 +1,7 @@
 """Data, training loop and small helpers shared by cifar.py and the tests."""
 import contextlib
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -538,26 +539,125 @@ def ort_predict(model, images, threads, batch_size=500):
                       for i in range(0, len(images), batch_size)])
 
 
+# ---------------------------------------------------------------- deploy
+
+def openvino_compile(path, threads, batch, hint="LATENCY", precision=None):
+    """An OpenVINO CPU model compiled from an ONNX file for a fixed batch size (static shapes ran faster than the
+    file's dynamic batch: docs/experiments.md). precision: INFERENCE_PRECISION_HINT; by default OpenVINO runs fp32
+    layers in bf16 on CPUs that have it. Returns (compiled model, settings as OpenVINO reports them)."""
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape([batch, 3, 32, 32])
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(model, "CPU", config)
+    settings = dict(hint=hint, threads=threads, precision=compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+                    streams=int(compiled.get_property("NUM_STREAMS")), static_batch=True)
+    return compiled, settings
+
+
+def openvino_runner(compiled):
+    """fn(x) -> logits: one synchronous request (the latency hint's way)."""
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x.numpy()})[0]
+
+
+def openvino_parallel_runner(compiled, parts):
+    """fn(x) -> logits: x split into `parts` equal requests run at once on the throughput hint's streams."""
+    import openvino as ov
+    queue, out = ov.AsyncInferQueue(compiled, parts), [None] * parts
+    queue.set_callback(lambda request, i: out.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+    def run(x):
+        for i, chunk in enumerate(x.numpy().reshape(parts, -1, *x.shape[1:])):
+            queue.start_async({0: chunk}, i)
+        queue.wait_all()
+        return np.concatenate(out)
+    return run
+
+
+def predict_fixed_batch(run, images, batch):
+    """Predicted classes from run(x) -> logits, always called with exactly `batch` images (the last batch padded
+    with zeros), as a model compiled for one shape needs."""
+    preds = []
+    for i in range(0, len(images), batch):
+        x = normalize(images[i:i + batch])
+        n = len(x)
+        x = torch.cat([x, x.new_zeros(batch - n, *x.shape[1:])]).contiguous()
+        preds.append(torch.as_tensor(np.asarray(run(x)))[:n].argmax(1))
+    return torch.cat(preds)
+
+
+def recommend(deploy, batch_sizes):
+    """The fastest *verified* form of each precision at each batch size, and the best int8 against the best fp32.
+
+    deploy: report["deploy"] rows. Returns ({batch: {precision: name}}, {batch: fp32 median / int8 median})."""
+    recommended, ratio = {}, {}
+    for b in map(str, batch_sizes):
+        best = {}
+        for precision in ("int8", "fp32"):
+            ok = [f for f in deploy if f["precision"] == precision and f["verified"] and b in f["latency_ms"]]
+            if ok:
+                best[precision] = min(ok, key=lambda f: f["latency_ms"][b]["median"])
+        recommended[b] = {p: f["name"] for p, f in best.items()}
+        if len(best) == 2:
+            ratio[b] = best["fp32"]["latency_ms"][b]["median"] / best["int8"]["latency_ms"][b]["median"]
+    return recommended, ratio
+
+
 # ---------------------------------------------------------------- benchmark
+
+def _call_times(fn, n):
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def _stats(times):
+    return dict(median=float(np.median(times)), p90=float(np.percentile(times, 90)))
+
 
 def time_it(fn, warmup, runs):
     """Median and 90th percentile of runs timed calls, in ms, after warmup calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return dict(median=float(np.median(times)), p90=float(np.percentile(times, 90)))
+    return _stats(_call_times(fn, runs))
+
+
+def time_interleaved(fns, warmup, runs, rounds=5, settle_s=0.0):
+    """time_it for every fn of {name: fn} in one process: after warm-up, `rounds` rounds in each of which every fn
+    makes runs / rounds timed calls in turn, so that a slow spell of the machine touches all forms alike.
+
+    Each call is timed on its own (time.perf_counter): torch.utils.benchmark's blocked_autorange reports means of
+    blocks of calls, which hide the per-call tail that the p90 is for. Before each fn's calls of a round: a pause of
+    settle_s (the thread pools of the runtime timed before stop spinning) and one untimed call."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(settle_s)
+            fn()
+            times[name] += _call_times(fn, max(1, math.ceil(runs / rounds)))
+    return {name: _stats(t) for name, t in times.items()}
 
 
 def environment(threads):
     import onnx
     import onnxruntime
     import torchvision
+    try:
+        openvino = importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        openvino = None
     return dict(torch=torch.__version__, torchvision=torchvision.__version__, onnx=onnx.__version__,
-                onnxruntime=onnxruntime.__version__, threads=threads, cores=os.cpu_count(),
+                onnxruntime=onnxruntime.__version__, openvino=openvino, threads=threads, cores=os.cpu_count(),
                 quantized_engine=torch.backends.quantized.engine, cpu=platform_cpu(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), vnni=cpu_has_vnni(),
                 python=platform.python_version())
@@ -587,7 +687,7 @@ def platform_cpu():
 
 def report_markdown(r):
     """report.json as readable tables."""
-    acc, lat = r["accuracy"], r.get("latency_ms", {})
+    acc, sizes = r["accuracy"], [str(b) for b in r["args"]["bench_batch_sizes"]]
     lines = [f"# {r['model']} on CIFAR-10: float, QAT int8, ONNX", "",
              f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs of {r['args']['qat_batches'] or 'all'} "
              f"batches on {r['device']}; "
@@ -603,17 +703,18 @@ def report_markdown(r):
     if r.get("agreement"):
         lines += ["", "| agreement (same predicted class) | share of test images |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in r["agreement"].items()]
-    if lat:
-        sizes = list(next(iter(lat.values())))
-        lines += ["", "CPU latency in ms, median (p90); "
-                  f"{r['environment']['threads']} threads, {r['environment']['quantized_engine']} engine", "",
-                  "| model | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-        lines += [f"| {k} | " + " | ".join(f"{v[b]['median']:.3f} ({v[b]['p90']:.3f})" for b in sizes) + " |"
-                  for k, v in lat.items()]
-        lines += ["", "fp32 is the fastest plain-PyTorch form at each batch size: "
-                  + ", ".join(f"batch {b}: {f}" for b, f in r.get("fp32_fastest_form", {}).items())]
+    if r.get("deploy"):
+        ds = r["deploy_settings"]
+        lines += ["", f"Deployment matrix: latency in ms per batch, median (p90) of {ds['runs']} calls in "
+                  f"{ds['rounds']} interleaved rounds after {ds['warmup']} warm-up calls, {ds['threads']} threads; "
+                  f"top-1 and agreement (same class as the reference: torch int8 {r['environment']['quantized_engine']}"
+                  f" for int8, torch fp32 eager otherwise) on {ds['images']} test images", ""]
+        lines += markdown_table(deploy_rows(r, p90=True))
+        lines += ["", *[f"- {line}" for line in recommendation_lines(r)]]
+        lines += [f"- note: {n}" for n in r.get("deploy_notes", [])]
         lines += ["", "| speed-up | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-        lines += [f"| {k} | " + " | ".join(f"{v[b]:.2f}x" for b in sizes) + " |" for k, v in r["speedup"].items()]
+        lines += [f"| {k} | " + " | ".join(f"{v[b]:.2f}x" if b in v else "-" for b in sizes) + " |"
+                  for k, v in r["speedup"].items()]
     if r.get("history"):
         lines += ["", "| stage | epoch | loss | train acc | test acc | img/s | data share | s |", "|---" * 8 + "|"]
         lines += [f"| {h['stage']} | {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.4f} | {h['test_acc']:.4f} "
@@ -645,21 +746,27 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
-def plot_latency(latency, path):
+def plot_deploy(deploy, path):
+    """Latency of every form at each batch size, fastest first; unverified forms hatched."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sizes = list(next(iter(latency.values())))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    sizes = sorted({b for f in deploy for b in f["latency_ms"]}, key=int)
+    colors = {"int8": "tab:blue", "fp32": "tab:orange", "bf16": "tab:green"}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 0.8 + 0.3 * len(deploy)), squeeze=False)
     for ax, b in zip(axes[0], sizes):
-        names = list(latency)
-        values = [latency[n][b]["median"] for n in names]
-        ax.barh(names, values)
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.2f}", va="center")
-        ax.set_xlabel("ms (median)")
-        ax.set_title(f"CPU latency, batch {b}")
+        rows = sorted((f for f in deploy if b in f["latency_ms"]), key=lambda f: f["latency_ms"][b]["median"])
+        values = [f["latency_ms"][b]["median"] for f in rows]
+        ax.barh([f["name"] for f in rows], values, color=[colors.get(f["precision"], "grey") for f in rows],
+                hatch=None)
+        for i, (f, v) in enumerate(zip(rows, values)):
+            if not f["verified"]:
+                ax.patches[i].set_hatch("//")
+            ax.text(v, i, f" {v:.2f}" + ("" if f["verified"] else " (unverified)"), va="center", fontsize=8)
+        ax.set_xlabel("ms per batch (median)")
+        ax.set_title(f"batch {b}: blue int8, orange fp32, green bf16")
         ax.invert_yaxis()
+        ax.set_xlim(0, max(values) * 1.35)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
@@ -671,8 +778,8 @@ def save_report(report, out, plots=False):
     if plots and report["history"]:
         plot_curves(report["history"], out / "training_curves.png")
         report["artifacts"]["training_curves"] = "training_curves.png"
-    if plots and report.get("latency_ms"):
-        plot_latency(report["latency_ms"], out / "latency.png")
+    if plots and report.get("deploy"):
+        plot_deploy(report["deploy"], out / "latency.png")
         report["artifacts"]["latency_plot"] = "latency.png"
     save_json(report, out / "report.json")
     save_text(report_markdown(report), out / "report.md")
@@ -688,3 +795,42 @@ def summary(r):
     for k, v in r.get("speedup", {}).items():
         lines.append(f"speed-up {k}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items()))
     return "\n".join(lines)
+
+
+def deploy_rows(r, p90=False):
+    """The deployment matrix as rows of strings, header first."""
+    sizes = [str(b) for b in r["args"]["bench_batch_sizes"]]
+    ms = lambda v: "-" if v is None else f"{v['median']:.3f}" + (f" ({v['p90']:.3f})" if p90 else "")
+    rows = [["form", "engine", "precision", *[f"batch {b} ms" for b in sizes], "top-1", "agreement", "verified"]]
+    for f in r["deploy"]:
+        rows.append([f["name"], f["engine"] or "-", f["precision"], *[ms(f["latency_ms"].get(b)) for b in sizes],
+                     "-" if f["top1"] is None else f"{f['top1']:.4f}",
+                     "-" if f["agreement"] is None else f"{f['agreement']:.4f}",
+                     "yes" if f["verified"] else f"no: {f['note']}"])
+    return rows
+
+
+def markdown_table(rows):
+    return ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows[1:]]]
+
+
+def deploy_table(r):
+    """The deployment matrix for the console, in aligned columns."""
+    rows = deploy_rows(r)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     + "  " + row[-1] for row in rows)
+
+
+def recommendation_lines(r):
+    """One line per batch size: the fastest verified int8 and fp32 forms and their ratio."""
+    lines = []
+    for b, pick in r.get("recommended", {}).items():
+        latency = {f["name"]: f["latency_ms"][b]["median"] for f in r["deploy"] if b in f["latency_ms"]}
+        parts = [f"{p} {pick[p]} ({latency[pick[p]]:.3f} ms)" if p in pick else f"no verified {p} form"
+                 for p in ("int8", "fp32")]
+        ratio = r["speedup"].get("best_int8_vs_best_fp32", {}).get(b)
+        lines.append(f"recommended at batch {b}: {parts[0]}, {parts[1]}"
+                     + (f": int8 {ratio:.2f}x faster than the best fp32" if ratio else ""))
+    return lines
