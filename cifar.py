@@ -640,6 +640,9 @@ def deploy(fp32_model, fp32_preds, int8_preds, data, out, args):
     forms, notes = deploy_forms(fp32_model, out, args)
     for note in notes:
         print(f"note: {note}")
+    print(f"deploy: {len(forms)} forms ({', '.join(sorted({f['runtime'] for f in forms}))}): verified on "
+          f"{len(data['test'][1])} test images, then timed at batch {', '.join(map(str, args.bench_batch_sizes))}",
+          flush=True)
     verify_forms(forms, data, {"int8": int8_preds, "fp32": fp32_preds})
     time_forms(forms, args)
     rows = [dict({k: v for k, v in f.items() if k != "runs"}, latency_ms=f.get("latency_ms", {})) for f in forms]
