@@ -557,14 +557,18 @@ def deploy_forms(fp32_model, out, args):
 
     threads = dict(threads=args.threads)
     if "torch" in args.deploy_runtimes:
+        # One loaded copy per batch size, as a server of one batch size has: oneDNN's int8 kernels ran batch 1
+        # 3x slower in a copy that had run batch 64 first (docs/experiments.md).
         for engine in [e for e in torch.backends.quantized.supported_engines if e != "none"]:
             def load(engine=engine):  # TorchScript re-packs the int8 weights for the engine set when it loads
                 torch.backends.quantized.engine = engine
-                return each(on_engine(torch.jit.load(out / "int8.pt"), engine)), threads
+                return {b: on_engine(torch.jit.load(out / "int8.pt"), engine) for b in sizes}, threads
             add(f"torch_int8_{engine}", "torch", "int8", load, engine=engine)
         torch.backends.quantized.engine = models.ENGINE
-        for form, fn in {"eager": fp32_model.eval(), **fp32_candidates(fp32_model)}.items():
-            add(f"torch_fp32_{form}", "torch", "fp32", lambda fn=fn, form=form: (each(fn), dict(threads, form=form)))
+        copies = {b: {"eager": copy.deepcopy(fp32_model).eval(), **fp32_candidates(fp32_model)} for b in sizes}
+        for form in copies[sizes[0]]:
+            add(f"torch_fp32_{form}", "torch", "fp32",
+                lambda form=form: ({b: copies[b][form] for b in sizes}, dict(threads, form=form)))
     if "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime"):
         for precision in ("fp32", "int8"):
             def load(precision=precision):

@@ -757,14 +757,13 @@ def plot_deploy(deploy, path):
     for ax, b in zip(axes[0], sizes):
         rows = sorted((f for f in deploy if b in f["latency_ms"]), key=lambda f: f["latency_ms"][b]["median"])
         values = [f["latency_ms"][b]["median"] for f in rows]
-        ax.barh([f["name"] for f in rows], values, color=[colors.get(f["precision"], "grey") for f in rows],
-                hatch=None)
+        ax.barh([f["name"] for f in rows], values, color=[colors.get(f["precision"], "grey") for f in rows])
         for i, (f, v) in enumerate(zip(rows, values)):
             if not f["verified"]:
                 ax.patches[i].set_hatch("//")
             ax.text(v, i, f" {v:.2f}" + ("" if f["verified"] else " (unverified)"), va="center", fontsize=8)
         ax.set_xlabel("ms per batch (median)")
-        ax.set_title(f"batch {b}: blue int8, orange fp32, green bf16")
+        ax.set_title(f"batch {b} (blue int8, orange fp32, green bf16)", fontsize=10)
         ax.invert_yaxis()
         ax.set_xlim(0, max(values) * 1.35)
     fig.tight_layout()
