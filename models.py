@@ -54,7 +54,23 @@ def create_model(name, num_classes=10):
     return model
 
 
-def prepare_quantization(model, qat):
+def qconfig(qat, weight_bits=8):
+    """fbgemm's qconfig; weight_bits < 8 narrows its per-channel symmetric weight grid to 2^weight_bits levels
+    (the weights stay int8 tensors, so the int8 kernels run them), activations stay 8-bit."""
+    # version=0: plain FakeQuantize. The fused default (version=1) trains against per-channel weight qparams of its
+    # own kernel while convert() re-derives symmetric ones from the observer, so the int8 model drifted from the
+    # QAT model (75-88% prediction agreement against 98-99%; docs/experiments.md).
+    base = tq.get_default_qat_qconfig(ENGINE, version=0) if qat else tq.get_default_qconfig(ENGINE)
+    if weight_bits == 8:
+        return base
+    grid = dict(quant_min=-2 ** (weight_bits - 1), quant_max=2 ** (weight_bits - 1) - 1, dtype=torch.qint8,
+                qscheme=torch.per_channel_symmetric)
+    weight = (tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, **grid) if qat
+              else tq.PerChannelMinMaxObserver.with_args(**grid))
+    return tq.QConfig(activation=base.activation, weight=weight)
+
+
+def prepare_quantization(model, qat, weight_bits=8):
     """Fuse conv/bn/relu, attach the fbgemm qconfig and insert observers (PTQ) or fake-quant (QAT), in place.
 
     QAT keeps BN as a trainable part of the fused ConvBn(ReLU) modules (train mode); PTQ folds BN (eval mode).
@@ -62,10 +78,7 @@ def prepare_quantization(model, qat):
     torch.backends.quantized.engine = ENGINE
     model.train(qat)
     model.fuse_model(is_qat=qat)
-    # version=0: plain FakeQuantize. The fused default (version=1) trains against per-channel weight qparams of its
-    # own kernel while convert() re-derives symmetric ones from the observer, so the int8 model drifted from the
-    # QAT model (75-88% prediction agreement against 98-99%; docs/experiments.md).
-    model.qconfig = tq.get_default_qat_qconfig(ENGINE, version=0) if qat else tq.get_default_qconfig(ENGINE)
+    model.qconfig = qconfig(qat, weight_bits)
     for m in model.modules():  # MobileNetV2's blocks without a residual never call skip_add: no observer for it
         if getattr(m, "use_res_connect", True) is False:
             m.skip_add.qconfig = None

@@ -690,7 +690,7 @@ def report_markdown(r):
     acc, sizes = r["accuracy"], [str(b) for b in r["args"]["bench_batch_sizes"]]
     lines = [f"# {r['model']} on CIFAR-10: float, QAT int8, ONNX", "",
              f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs of {r['args']['qat_batches'] or 'all'} "
-             f"batches on {r['device']}; "
+             f"batches on {r['device']}, {r.get('weight_bits', 8)}-bit weights; "
              f"torch {r['environment']['torch']}, {r['environment']['threads']} threads, "
              f"{r['environment']['cpu']}", "",
              "| model | top-1 | file (bytes) |", "|---|---|---|"]

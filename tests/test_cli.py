@@ -28,6 +28,8 @@ def assert_one_line_error(proc, *fragments):
     (["--model", "vgg16"], "invalid choice"),
     (["--epochs", "ten"], "invalid int"),
     (["--bench-batch-sizes", "0"], "--bench-batch-sizes"),
+    (["--weight-bits", "5"], "--weight-bits"),
+    (["--deploy-runtimes", "tensorrt"], "--deploy-runtimes"),
 ])
 def test_bad_values(args, fragment, tmp_path):
     proc = run_cli(*args, "--out-dir", tmp_path / "out")

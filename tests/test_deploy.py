@@ -88,3 +88,13 @@ def test_a_missing_runtime_or_an_unloadable_file_is_a_note(tmp_path, monkeypatch
     assert notes[1].startswith("onnxruntime_int8: could not be loaded (")  # int8.onnx does not exist
     assert notes[2] == "openvino is not installed (pip install -r requirements.txt): its forms are not timed"
     assert all("\n" not in n for n in notes)
+
+
+def test_a_reference_of_one_class_is_a_note(monkeypatch):
+    args = SimpleNamespace(deploy_runtimes=[], bench_batch_sizes=[1], threads=1, bench_warmup=0, bench_runs=1)
+    images, labels = torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.arange(4)
+    monkeypatch.setattr(cifar, "deploy_forms", lambda *a: ([], []))
+    result = cifar.deploy(None, torch.tensor([0, 1, 2, 2]), torch.zeros(4, dtype=torch.long),
+                          {"test": (images, labels)}, None, args)
+    assert result["deploy_notes"] == ["the int8 reference predicts one class for every test image, so agreement "
+                                      "checks nothing: train longer before choosing a form"]

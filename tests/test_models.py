@@ -175,3 +175,21 @@ def test_convert_warns_of_no_observer_that_never_ran(qat):
     assert not [w for w in caught if "must run observer" in str(w.message)]
     assert isinstance(model.features[1].skip_add.activation_post_process, nn.Identity)
     assert not isinstance(model.features[3].skip_add.activation_post_process, nn.Identity)  # a residual block's
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("qat", [False, True])
+def test_converted_weights_lie_on_the_weight_bits_grid(bits, qat):
+    model = models.prepare_quantization(models.create_model("resnet18"), qat=qat, weight_bits=bits)
+    model(torch.randn(8, 3, 32, 32))
+    int8 = models.convert_int8(model)
+    weights = [m.weight() for m in int8.modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
+    assert len(weights) > 10
+    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    for w in weights:
+        q = w.int_repr()
+        assert w.dtype == torch.qint8 and q.min() >= lo and q.max() <= hi
+    if not qat:  # the grid is used, not just respected: the largest weight of each layer sits on its edge
+        # (QAT's BN folding at convert uses running statistics updated after the fake quantization saw the weights)
+        assert all(max(-w.int_repr().min().item(), w.int_repr().max().item()) >= hi for w in weights)
+    assert int8(torch.randn(2, 3, 32, 32)).isfinite().all()

@@ -56,7 +56,8 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     assert {f"torch_int8_{e}" for e in engines} | {"torch_fp32_eager", "onnxruntime_fp32", "onnxruntime_int8",
                                                     "openvino_fp32", "openvino_int8"} <= set(forms)
-    assert r["deploy_notes"] == []
+    # every runtime loaded (this barely trained MobileNetV2 may predict one class: that is the only note allowed)
+    assert [n for n in r["deploy_notes"] if "predicts one class for every test image" not in n] == []
     for f in r["deploy"]:
         assert set(f) == {"name", "runtime", "engine", "settings", "precision", "latency_ms", "top1", "agreement",
                           "verified", "note"}, f["name"]
