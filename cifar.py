@@ -539,7 +539,6 @@ def deploy_forms(fp32_model, out, args):
     Returns (forms, notes): forms are dicts {name, runtime, engine, settings, precision, runs: {batch: fn(x)}};
     a runtime that is not installed or a file it cannot load gives a note instead of a form."""
     forms, notes, sizes = [], [], args.bench_batch_sizes
-    each = lambda fn: {b: fn for b in sizes}
 
     def add(name, runtime, precision, make, engine=None):
         try:
@@ -547,8 +546,9 @@ def deploy_forms(fp32_model, out, args):
         except Exception as e:  # a form that cannot be built is reported, never fatal
             notes.append(f"{name}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             return
-        forms.append(dict(name=name, runtime=runtime, engine=engine, settings=settings, precision=precision,
-                          runs=runs))
+        if runs:  # a throughput form exists only where a batch splits into its streams
+                forms.append(dict(name=name, runtime=runtime, engine=engine, settings=settings, precision=precision,
+                              runs=runs))
 
     def installed(runtime, package):
         try:
@@ -576,8 +576,8 @@ def deploy_forms(fp32_model, out, args):
         for precision in ("fp32", "int8"):
             def load(precision=precision):
                 session = utils.ort_session(out / f"{precision}.onnx", args.threads)
-                return (each(lambda x: session.run(None, {"input": x.numpy()})[0]),
-                        dict(threads, graph_optimization="all"))
+                run = lambda x: session.run(None, {"input": x.numpy()})[0]
+                return {b: run for b in sizes}, dict(threads, graph_optimization="all")
             add(f"onnxruntime_{precision}", "onnxruntime", precision, load)
     if "openvino" in args.deploy_runtimes and installed("openvino", "openvino"):
         import openvino as ov
@@ -602,7 +602,6 @@ def deploy_forms(fp32_model, out, args):
                     out / file, args.threads, b // n, "THROUGHPUT", hint_precision)[0], n) for b in fit}
                 return runs, dict(probe, requests_per_batch=n)
             add(f"openvino_{precision}_throughput", "openvino", precision, throughput)
-        forms = [f for f in forms if f["runs"]]  # the throughput forms exist only where a batch splits
     return forms, notes
 
 
@@ -661,14 +660,17 @@ def deploy(fp32_model, fp32_preds, int8_preds, data, out, args):
     rows = [dict({k: v for k, v in f.items() if k != "runs"}, latency_ms=f.get("latency_ms", {})) for f in forms]
     recommended, best = utils.recommend(rows, args.bench_batch_sizes)
     median = {f["name"]: {b: v["median"] for b, v in f["latency_ms"].items()} for f in rows}
-    compiled = [median[n] for n in median if n.startswith("torch_fp32_") and n != "torch_fp32_eager"]
-    if compiled:  # the earlier headline: int8 against the fastest plain-PyTorch fp32 form other than eager NCHW
-        median["torch_fp32"] = {b: min(m[b] for m in compiled) for b in compiled[0]}
-    ratio = lambda a, b: ({k: median[a][k] / median[b][k] for k in median[b] if k in median[a]}
-                          if {a, b} <= set(median) else None)
-    speedup = dict(best_int8_vs_best_fp32=best, int8_vs_fp32=ratio("torch_fp32", f"torch_int8_{models.ENGINE}"),
-                   int8_vs_fp32_eager=ratio("torch_fp32_eager", f"torch_int8_{models.ENGINE}"),
-                   int8_onnx_vs_fp32_onnx=ratio("onnxruntime_fp32", "onnxruntime_int8"))
+
+    def ratio(slow, fast):  # the fastest of the forms `slow` against the form `fast`, per batch size
+        slow = [n for n in slow if n in median]
+        return ({b: min(median[n][b] for n in slow) / m for b, m in median[fast].items()}
+                if slow and fast in median else None)
+    # the earlier headline: int8 against the fastest plain-PyTorch fp32 form other than eager NCHW
+    compiled = [n for n in median if n.startswith("torch_fp32_") and n != "torch_fp32_eager"]
+    int8 = f"torch_int8_{models.ENGINE}"
+    speedup = dict(best_int8_vs_best_fp32=best, int8_vs_fp32=ratio(compiled, int8),
+                   int8_vs_fp32_eager=ratio(["torch_fp32_eager"], int8),
+                   int8_onnx_vs_fp32_onnx=ratio(["onnxruntime_fp32"], "onnxruntime_int8"))
     settings = dict(threads=args.threads, warmup=args.bench_warmup, runs=args.bench_runs, rounds=BENCH_ROUNDS,
                     settle_s=BENCH_SETTLE_S,
                     verify_batch=max(args.bench_batch_sizes), images=len(data["test"][1]), agreement_min=AGREEMENT_MIN,

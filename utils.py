@@ -707,8 +707,8 @@ def report_markdown(r):
         ds = r["deploy_settings"]
         lines += ["", f"Deployment matrix: latency in ms per batch, median (p90) of {ds['runs']} calls in "
                   f"{ds['rounds']} interleaved rounds after {ds['warmup']} warm-up calls, {ds['threads']} threads; "
-                  f"top-1 and agreement (same class as the reference: torch int8 {r['environment']['quantized_engine']}"
-                  f" for int8, torch fp32 eager otherwise) on {ds['images']} test images", ""]
+                  f"top-1 and agreement (same class as the reference: int8 {ds['references']['int8']}, otherwise "
+                  f"{ds['references']['fp32']}) on {ds['images']} test images", ""]
         lines += markdown_table(deploy_rows(r, p90=True))
         lines += ["", *[f"- {line}" for line in recommendation_lines(r)]]
         lines += [f"- note: {n}" for n in r.get("deploy_notes", [])]
