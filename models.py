@@ -4,8 +4,12 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch.ao import quantization as tq
+from torch.ao.ns import _numeric_suite as ns
+from torch.ao.ns.fx.utils import compute_sqnr
 from torchvision.models import quantization as qmodels
 
 # Eager-mode quantization and TorchScript are deprecated in torch 2.14 but are what deploys today (README:
@@ -70,14 +74,20 @@ def qconfig(qat, weight_bits=8):
     return tq.QConfig(activation=base.activation, weight=weight)
 
 
+def fuse(model, qat):
+    """torchvision's fuse_model in place: conv+bn(+relu) kept trainable (QAT, train mode) or BN folded (eval)."""
+    model.train(qat)
+    model.fuse_model(is_qat=qat)
+    return model
+
+
 def prepare_quantization(model, qat, weight_bits=8):
     """Fuse conv/bn/relu, attach the fbgemm qconfig and insert observers (PTQ) or fake-quant (QAT), in place.
 
     QAT keeps BN as a trainable part of the fused ConvBn(ReLU) modules (train mode); PTQ folds BN (eval mode).
     """
     torch.backends.quantized.engine = ENGINE
-    model.train(qat)
-    model.fuse_model(is_qat=qat)
+    fuse(model, qat)
     model.qconfig = qconfig(qat, weight_bits)
     for m in model.modules():  # MobileNetV2's blocks without a residual never call skip_add: no observer for it
         if getattr(m, "use_res_connect", True) is False:
@@ -130,3 +140,24 @@ def to_torchscript(model):
     """Traced and frozen TorchScript: loads with plain torch.jit.load, no project code needed."""
     with torch.no_grad():
         return torch.jit.freeze(torch.jit.trace(model.eval(), torch.randn(1, 3, 32, 32)))
+
+
+QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear)  # the ReLU-fused quantized kinds subclass these
+# The float (BN-folded) and int8 module types whose outputs layer_sqnr compares, matched by module name.
+COMPARED = {nn.Conv2d, nni.ConvReLU2d, nn.Linear, nni.LinearReLU, nnq.Conv2d, nniq.ConvReLU2d, nnq.Linear,
+            nniq.LinearReLU}
+
+
+def layer_sqnr(fp32_model, int8_model, images):
+    """SQNR in dB of every quantized conv/linear output of int8_model against the BN-folded fp32_model at the
+    same place, on one batch of normalized images, in network order: [{"layer", "sqnr_db"}, ...].
+
+    Each int8 layer is fed by the int8 layers before it, so a layer's figure includes the error it inherits,
+    as in deployment (the eager numeric suite's compare_model_outputs)."""
+    reference = fuse(copy.deepcopy(fp32_model).cpu(), qat=False)  # the module names of the converted model
+    with torch.no_grad():
+        acts = ns.compare_model_outputs(reference, copy.deepcopy(int8_model), images, allow_list=COMPARED)
+    layers = {name for name, m in int8_model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
+    rows = [(name.removesuffix(".stats"), a) for name, a in acts.items()]  # the suite also logs the adds: skipped
+    return [dict(layer=name, sqnr_db=compute_sqnr(a["float"][0], a["quantized"][0].dequantize()).item())
+            for name, a in rows if name in layers]
