@@ -479,6 +479,9 @@ def calibrate_ptq(fp32_model, data, args):
     return int8_model
 
 
+SQNR_IMAGES = 256  # the first test images: the fixed batch of the per-layer quantization error
+
+
 def quantize_int8(qat_model, args):
     """Convert the QAT model to int8 on the CPU; returns the eager int8 model and its TorchScript form."""
     utils.check_finite(qat_model, "the QAT model", divergence_hint(args, "qat"))
@@ -486,17 +489,25 @@ def quantize_int8(qat_model, args):
     return int8_model, models.to_torchscript(int8_model)
 
 
-def export_and_verify_onnx(torch_models, data, out, threads):
+def export_and_verify_onnx(torch_models, data, out, threads, weight_bits=8):
     """Export each model to ONNX (checked, simplified), run it in ONNX Runtime over the test set, then save it.
 
-    torch_models: {name: (eager model, its test-set predictions)}. Returns (report entries, paths).
+    torch_models: {name: (eager model, its test-set predictions)}. With 4-bit weights, int8_w4.onnx is int8.onnx
+    with its weights stored in 4 bits. Returns (report entries, paths).
     """
-    info, accuracy, agreement, paths = {}, {}, {}, {}
-    for name, (model, torch_preds) in torch_models.items():
-        graph, info[name] = utils.export_onnx(models.onnx_exportable(model), f"{name}.onnx")
+    info, accuracy, agreement, paths, graphs = {}, {}, {}, {}, {}
+    for name, (model, _) in torch_models.items():
+        graphs[name], info[name] = utils.export_onnx(models.onnx_exportable(model), f"{name}.onnx")
+    if weight_bits == 4 and "int8" in graphs:
+        graphs["int8_w4"], packed = utils.pack_int4_weights(graphs["int8"])
+        info["int8_w4"] = dict(opset=utils.INT4_OPSET, int4_tensors=packed)
+        torch_models = dict(torch_models, int8_w4=torch_models["int8"])
+    else:  # a 4-bit file left by an earlier run in this folder would no longer match int8.onnx
+        (out / "int8_w4.onnx").unlink(missing_ok=True)
+    for name, graph in graphs.items():
         ort_preds = utils.ort_predict(graph, data["test"][0], threads)
         accuracy[f"{name}_onnx"] = utils.top1(ort_preds, data["test"][1])
-        agreement[f"{name}_onnx_vs_torch"] = utils.top1(ort_preds, torch_preds)
+        agreement[f"{name}_onnx_vs_torch"] = utils.top1(ort_preds, torch_models[name][1])
         paths[name] = out / f"{name}.onnx"
         utils.save_onnx(graph, paths[name])
     return dict(onnx=info, accuracy=accuracy, agreement=agreement), paths
@@ -559,6 +570,9 @@ def deploy_forms(fp32_model, out, args):
             return False
 
     threads = dict(threads=args.threads)
+    # int8_w4.onnx (--weight-bits 4) is int8.onnx with 4-bit-stored weights: timed too, since the runtimes run
+    # it differently (docs/experiments.md)
+    onnx_files = ["fp32", "int8"] + (["int8_w4"] if args.weight_bits == 4 else [])
     if "torch" in args.deploy_runtimes:
         # One loaded copy per batch size, as a server of one batch size has: oneDNN's int8 kernels ran batch 1
         # 3x slower in a copy that had run batch 64 first (docs/experiments.md).
@@ -573,23 +587,25 @@ def deploy_forms(fp32_model, out, args):
             add(f"torch_fp32_{form}", "torch", "fp32",
                 lambda form=form: ({b: copies[b][form] for b in sizes}, dict(threads, form=form)))
     if "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime"):
-        for precision in ("fp32", "int8"):
-            def load(precision=precision):
-                session = utils.ort_session(out / f"{precision}.onnx", args.threads)
+        for file in onnx_files:
+            def load(file=file):
+                session = utils.ort_session(out / f"{file}.onnx", args.threads)
                 run = lambda x: session.run(None, {"input": x.numpy()})[0]
                 return {b: run for b in sizes}, dict(threads, graph_optimization="all")
-            add(f"onnxruntime_{precision}", "onnxruntime", precision, load)
+            add(f"onnxruntime_{file}", "onnxruntime", file.split("_")[0], load)
     if "openvino" in args.deploy_runtimes and installed("openvino", "openvino"):
         import openvino as ov
         variants = [("fp32", "fp32.onnx", "f32"), ("int8", "int8.onnx", None)]
         if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # OpenVINO's default there
             variants.append(("bf16", "fp32.onnx", "bf16"))
+        if "int8_w4" in onnx_files:
+            variants.append(("int8_w4", "int8_w4.onnx", None))
         for precision, file, hint_precision in variants:
             def latency(file=file, hint_precision=hint_precision):
                 compiled = {b: utils.openvino_compile(out / file, args.threads, b, "LATENCY", hint_precision)
                             for b in sizes}
                 return {b: utils.openvino_runner(c) for b, (c, _) in compiled.items()}, compiled[sizes[0]][1]
-            add(f"openvino_{precision}", "openvino", precision, latency)
+            add(f"openvino_{precision}", "openvino", precision.split("_")[0], latency)
         for precision, file, hint_precision in variants[:2]:
             # the throughput hint splits the CPU into streams: a batch is cut into one request per stream
             def throughput(file=file, hint_precision=hint_precision):
@@ -766,27 +782,35 @@ def main(args):
         utils.torch_save(int8_ts, out / "int8.pt")
         report["accuracy"]["int8"] = utils.top1(int8_preds, test_labels)
         report["artifacts"].update(int8_torchscript="int8.pt", qat_state_dict="qat.pt")
+        sqnr_images = utils.normalize(test_images[:SQNR_IMAGES])
+        report["layer_sqnr"] = {"qat": models.layer_sqnr(fp32_model, int8_model, sqnr_images)}
+        report["layer_sqnr_images"] = len(sqnr_images)
     utils.save_report(report, out)
 
     if not args.no_ptq:
         with stages("ptq"):  # 5. PTQ baseline from the same float weights
-            report["accuracy"]["ptq_int8"] = utils.accuracy(calibrate_ptq(fp32_model, data, args), data["test"])
+            ptq_model = calibrate_ptq(fp32_model, data, args)
+            report["accuracy"]["ptq_int8"] = utils.accuracy(ptq_model, data["test"])
+            report["layer_sqnr"] = {"ptq": models.layer_sqnr(fp32_model, ptq_model, sqnr_images),
+                                    **report["layer_sqnr"]}
+            report["qat_vs_ptq"] = 100 * (report["accuracy"]["int8"] - report["accuracy"]["ptq_int8"])
 
     with stages("onnx"):  # 6. ONNX export, check, simplification, ONNX Runtime verification
         onnx_report, onnx_paths = export_and_verify_onnx(
-            {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads)
+            {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads,
+            args.weight_bits)
         report["onnx"] = onnx_report["onnx"]
         report["accuracy"].update(onnx_report["accuracy"])
         report["agreement"].update(onnx_report["agreement"])
-        report["artifacts"].update(fp32_onnx="fp32.onnx", int8_onnx="int8.onnx")
+        report["artifacts"].update({f"{name}_onnx": path.name for name, path in onnx_paths.items()})
 
     with stages("deploy"):  # 7. every form in every runtime: verified, timed, the fastest recommended
         report.update(deploy(fp32_model, fp32_preds, int8_preds, data, out, args))
         print(utils.deploy_table(report))
 
     with stages("report"):  # 8. report.json, report.md, plots
-        for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), ("fp32_onnx", "fp32.onnx"),
-                          ("int8_onnx", "int8.onnx")):
+        for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), *((f"{n}_onnx", p.name) for n, p in
+                                                                    onnx_paths.items())):
             report["model_size_bytes"][key] = (out / name).stat().st_size
         if "time_budget" in report:
             report["time_budget"]["actual_s"] = time.time() - clock.start

@@ -517,6 +517,44 @@ def export_onnx(model, name, opset=17):
     return graph, info
 
 
+INT4_OPSET = 21  # the first opset whose DequantizeLinear takes INT4
+
+
+def pack_int4_weights(graph):
+    """A copy of a QDQ int8 graph with its constant int8 weights stored as INT4 initializers, two a byte.
+
+    Packs every DequantizeLinear input that is a constant int8 tensor within [-8, 7] with zero point 0
+    (--weight-bits 4); the values, and so the outputs, do not change. Returns (graph, number of tensors packed).
+    """
+    import ml_dtypes  # onnx's own dependency for its 4-bit types
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.version_converter.convert_version(graph, INT4_OPSET)
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node
+                 if n.op_type == "Constant" and n.attribute[0].name == "value"}
+    packed, initializers = 0, {}
+    for node in graph.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        weight, zero_point = constants.get(node.input[0]), constants.get(node.input[2])
+        if (weight is None or zero_point is None or weight.dtype != np.int8 or zero_point.any()
+                or weight.min() < -8 or weight.max() > 7):
+            continue
+        for i, values in ((0, weight), (2, zero_point)):  # DequantizeLinear wants both in one type
+            name = f"{node.input[i]}_int4"
+            initializers.setdefault(name, numpy_helper.from_array(values.astype(ml_dtypes.int4), name))
+            node.input[i] = name
+        packed += 1
+    graph.graph.initializer.extend(initializers.values())
+    used = {name for n in graph.graph.node for name in n.input} | {o.name for o in graph.graph.output}
+    kept = [n for n in graph.graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del graph.graph.node[:]
+    graph.graph.node.extend(kept)
+    graph.ir_version = max(graph.ir_version, 10)  # INT4 needs IR version 10
+    onnx.checker.check_model(graph, full_check=True)
+    return graph, packed
+
+
 def save_onnx(graph, path):
     import onnx
     atomic_write(path, lambda f: onnx.save(graph, f))
@@ -685,6 +723,9 @@ def platform_cpu():
 
 # ---------------------------------------------------------------- report
 
+WORST_LAYERS = 10  # report.md lists this many of each method's layers, lowest SQNR first
+
+
 def report_markdown(r):
     """report.json as readable tables."""
     acc, sizes = r["accuracy"], [str(b) for b in r["args"]["bench_batch_sizes"]]
@@ -696,13 +737,24 @@ def report_markdown(r):
              "| model | top-1 | file (bytes) |", "|---|---|---|"]
     names = [("fp32", "fp32", "fp32"), ("PTQ int8", "ptq_int8", None), ("QAT fake-quant", "qat_fake_quant", None),
              ("QAT int8", "int8", "int8"), ("fp32 ONNX", "fp32_onnx", "fp32_onnx"),
-             ("int8 ONNX", "int8_onnx", "int8_onnx")]
+             ("int8 ONNX", "int8_onnx", "int8_onnx"),
+             ("int8 ONNX, weights stored in 4 bits", "int8_w4_onnx", "int8_w4_onnx")]
     for label, key, size in names:
         if key in acc:
             lines.append(f"| {label} | {acc[key]:.4f} | {r['model_size_bytes'].get(size, '')} |")
+    if "qat_vs_ptq" in r:
+        lines += ["", f"QAT int8 - PTQ int8: {r['qat_vs_ptq']:+.2f} points (one seed; README: QAT or PTQ for the "
+                      f"seed spread)"]
     if r.get("agreement"):
         lines += ["", "| agreement (same predicted class) | share of test images |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in r["agreement"].items()]
+    if r.get("layer_sqnr"):
+        lines += ["", f"Per-layer quantization error: SQNR (dB) of each int8 conv/linear output against the BN-folded "
+                  f"float model, on {r['layer_sqnr_images']} test images; the {WORST_LAYERS} worst layers "
+                  f"(layer_sqnr.png: all)", ""]
+        worst = [[method.upper(), row["layer"], f"{row['sqnr_db']:.1f}"] for method, rows in r["layer_sqnr"].items()
+                 for row in sorted(rows, key=lambda row: row["sqnr_db"])[:WORST_LAYERS]]
+        lines += markdown_table([["method", "layer", "SQNR dB"], *worst])
     if r.get("deploy"):
         ds = r["deploy_settings"]
         lines += ["", f"Deployment matrix: latency in ms per batch, median (p90) of {ds['runs']} calls in "
@@ -771,12 +823,34 @@ def plot_deploy(deploy, path):
     plt.close(fig)
 
 
+def plot_layer_sqnr(layer_sqnr, path):
+    """SQNR per quantized layer in network order, one line per method (PTQ, QAT)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = next(iter(layer_sqnr.values()))
+    fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(rows)), 4))
+    for method, rows in layer_sqnr.items():
+        ax.plot([row["sqnr_db"] for row in rows], "o-", ms=3, label=method.upper())
+    ax.set_xticks(range(len(rows)), [row["layer"] for row in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR (dB) against the float model")
+    ax.set_title("per-layer quantization error (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
 def save_report(report, out, plots=False):
     """report.json, report.md and (at the end) the PNG plots, each written atomically."""
     out = Path(out)
     if plots and report["history"]:
         plot_curves(report["history"], out / "training_curves.png")
         report["artifacts"]["training_curves"] = "training_curves.png"
+    if plots and report.get("layer_sqnr"):
+        plot_layer_sqnr(report["layer_sqnr"], out / "layer_sqnr.png")
+        report["artifacts"]["layer_sqnr_plot"] = "layer_sqnr.png"
     if plots and report.get("deploy"):
         plot_deploy(report["deploy"], out / "latency.png")
         report["artifacts"]["latency_plot"] = "latency.png"
@@ -788,9 +862,12 @@ def summary(r):
     """The short console table: accuracy and file size of fp32, PTQ int8 and QAT int8, then speed-ups."""
     acc, size = r["accuracy"], r["model_size_bytes"]
     rows = [("fp32", acc.get("fp32"), size.get("fp32")), ("PTQ int8", acc.get("ptq_int8"), None),
-            ("QAT int8", acc.get("int8"), size.get("int8")), ("int8 ONNX", acc.get("int8_onnx"), size.get("int8_onnx"))]
+            ("QAT int8", acc.get("int8"), size.get("int8")), ("int8 ONNX", acc.get("int8_onnx"), size.get("int8_onnx")),
+            ("4-bit ONNX", acc.get("int8_w4_onnx"), size.get("int8_w4_onnx"))]
     lines = [f"{'':10s} {'top-1':>7s} {'file MB':>8s}"]
     lines += [f"{n:10s} {a:7.4f} {(f'{s / 1e6:.2f}' if s else '-'):>8s}" for n, a, s in rows if a is not None]
+    if "qat_vs_ptq" in r:
+        lines.append(f"QAT int8 - PTQ int8: {r['qat_vs_ptq']:+.2f} points")
     for k, v in r.get("speedup", {}).items():
         lines.append(f"speed-up {k}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items()))
     return "\n".join(lines)
