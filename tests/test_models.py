@@ -193,3 +193,20 @@ def test_converted_weights_lie_on_the_weight_bits_grid(bits, qat):
         # (QAT's BN folding at convert uses running statistics updated after the fake quantization saw the weights)
         assert all(max(-w.int_repr().min().item(), w.int_repr().max().item()) >= hi for w in weights)
     assert int8(torch.randn(2, 3, 32, 32)).isfinite().all()
+
+
+def test_layer_sqnr_is_high_with_the_calibrated_scale_and_low_with_a_coarse_one():
+    torch.manual_seed(0)
+    fp32 = models.create_model("resnet18").eval()
+    for bn in (m for m in fp32.modules() if isinstance(m, nn.BatchNorm2d)):  # zero-initialised BN weights: no signal
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+    images = torch.randn(16, 3, 32, 32)
+    ptq = models.prepare_quantization(copy.deepcopy(fp32), qat=False)
+    ptq(images)  # calibrated on the batch it is measured on: every scale fits
+    int8 = models.convert_int8(ptq)
+    good = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
+    assert len(good) == 21 and min(good.values()) > 15, good
+    int8.layer2[0].conv1.scale *= 50  # an output grid 50x too coarse: most outputs round to a few levels
+    bad = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
+    assert bad["layer2.0.conv1"] < 10 and bad["layer2.0.conv1"] < good["layer2.0.conv1"] - 15, (good, bad)
+    assert all(abs(bad[n] - good[n]) < 1e-4 for n in list(good)[:list(good).index("layer2.0.conv1")])  # upstream

@@ -17,6 +17,7 @@ import torch.ao.nn.quantized as nnq
 import cifar
 import models
 import utils
+from conftest import SMOKE_BITS
 
 MODELS = ["mobilenet_v2", "resnet18"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +31,12 @@ def report_of(smoke, model):
 def test_report_has_every_key(smoke, model):
     r = report_of(smoke, model)
     assert r["model"] == model and r["epochs"] == 2 and r["qat_epochs"] == 1
-    for key in ("fp32", "qat_fake_quant", "int8", "ptq_int8", "fp32_onnx", "int8_onnx"):
+    four_bit = SMOKE_BITS[model] == 4
+    assert r["weight_bits"] == SMOKE_BITS[model]
+    for key in ("fp32", "qat_fake_quant", "int8", "ptq_int8", "fp32_onnx", "int8_onnx") + ("int8_w4_onnx",) * four_bit:
         assert 0 <= r["accuracy"][key] <= 1, key
-    assert set(r["agreement"]) == {"fp32_onnx_vs_torch", "int8_onnx_vs_torch"}
+    assert set(r["agreement"]) == {"fp32_onnx_vs_torch", "int8_onnx_vs_torch"} | {"int8_w4_onnx_vs_torch"} * four_bit
+    assert r["qat_vs_ptq"] == pytest.approx(100 * (r["accuracy"]["int8"] - r["accuracy"]["ptq_int8"]))
     assert r["train_images_per_s"]["fp32"] > 0 and r["train_images_per_s"]["qat"] > 0
     env = r["environment"]
     assert env["quantized_engine"] == "fbgemm" and env["threads"] >= 1 and env["torch"].startswith("2.14.1")
@@ -41,7 +45,8 @@ def test_report_has_every_key(smoke, model):
     for artifact in r["artifacts"].values():
         assert (smoke[model][0] / artifact).is_file(), artifact
     assert {"fp32_state_dict", "int8_torchscript", "qat_state_dict", "fp32_onnx", "int8_onnx",
-            "training_curves", "latency_plot"} <= set(r["artifacts"])
+            "training_curves", "latency_plot", "layer_sqnr_plot"} <= set(r["artifacts"])
+    assert ("int8_w4_onnx" in r["artifacts"]) == four_bit == (smoke[model][0] / "int8_w4.onnx").exists()
     md = (smoke[model][0] / "report.md").read_text()
     assert f"{r['accuracy']['int8']:.4f}" in md and "batch 64" in md
     assert all(f"| {f['name']} |" in md for f in r["deploy"]) and md.count("recommended at batch") == 2
@@ -85,6 +90,45 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
     assert r["deploy_settings"]["images"] == 300 and r["deploy_settings"]["runs"] == 5
     console = smoke[model][1].stdout.strip().splitlines()
     assert console[-2].startswith("recommended at batch 1: int8 ") and console[-1].startswith("recommended at batch 64")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_layer_sqnr_covers_every_quantized_layer_in_network_order(smoke, model):
+    r = report_of(smoke, model)
+    int8 = models.prepare_quantization(models.create_model(model), qat=False)
+    int8(torch.randn(2, 3, 32, 32))
+    layers = [n for n, m in models.convert_int8(int8).named_modules() if isinstance(m, models.QUANTIZED_LAYERS)]
+    assert len(layers) == {"mobilenet_v2": 53, "resnet18": 21}[model]
+    for method in ("ptq", "qat"):
+        assert [e["layer"] for e in r["layer_sqnr"][method]] == layers, method
+        assert all(np.isfinite(e["sqnr_db"]) for e in r["layer_sqnr"][method])
+    md = (smoke[model][0] / "report.md").read_text()
+    worst = min(r["layer_sqnr"]["ptq"], key=lambda e: e["sqnr_db"])
+    assert f"| {worst['layer']} | {worst['sqnr_db']:.1f} |" in md
+
+
+def test_4bit_onnx_stores_int4_weights_and_runs_like_the_int8_file(smoke):
+    """ResNet18's smoke run has 4-bit weights: int8_w4.onnx holds them as INT4, int8.onnx as int8 in [-8, 7]."""
+    out, r = smoke["resnet18"][0], report_of(smoke, "resnet18")
+    int8, int4 = onnx.load(out / "int8.onnx"), onnx.load(out / "int8_w4.onnx")
+    onnx.checker.check_model(int4, full_check=True)
+    weights = lambda g, types: [t for t in list(g.graph.initializer) + [a.t for n in g.graph.node if n.op_type ==
+                                "Constant" for a in n.attribute] if t.data_type in types and np.prod(t.dims) >= 64]
+    int8_weights = weights(int8, {onnx.TensorProto.INT8})
+    assert len(int8_weights) == 21 and weights(int4, {onnx.TensorProto.INT8}) == []
+    assert all(-8 <= onnx.numpy_helper.to_array(t).min() and onnx.numpy_helper.to_array(t).max() <= 7
+               for t in int8_weights)
+    int4_weights = weights(int4, {onnx.TensorProto.INT4})
+    assert len(int4_weights) == 21 and r["onnx"]["int8_w4"] == {"opset": 21, "int4_tensors": 21}
+    assert max(i.version for i in int4.opset_import if i.domain in ("", "ai.onnx")) == 21
+    assert (out / "int8_w4.onnx").stat().st_size <= 0.6 * (out / "int8.onnx").stat().st_size
+    assert r["agreement"]["int8_w4_onnx_vs_torch"] >= 0.99
+    x = torch.randn(4, 3, 32, 32).numpy()
+    run = lambda path: utils.ort_session(path, 1).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(run(out / "int8_w4.onnx"), run(out / "int8.onnx"))  # the same values
+    forms = {f["name"]: f for f in r["deploy"]}
+    assert forms["onnxruntime_int8_w4"]["precision"] == "int8" and forms["onnxruntime_int8_w4"]["latency_ms"]
+    assert utils.pack_int4_weights(onnx.load(smoke["mobilenet_v2"][0] / "int8.onnx"))[1] == 0  # 8-bit weights
 
 
 def readme_snippets():
