@@ -81,7 +81,8 @@ def test_timing_interleaves_the_forms_in_rounds():
 def test_a_missing_runtime_or_an_unloadable_file_is_a_note(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
     (tmp_path / "fp32.onnx").write_bytes(b"not an onnx file")
-    args = SimpleNamespace(deploy_runtimes=["onnxruntime", "openvino"], bench_batch_sizes=[1, 64], threads=1)
+    args = SimpleNamespace(deploy_runtimes=["onnxruntime", "openvino"], bench_batch_sizes=[1, 64], threads=1,
+                           weight_bits=8)
     forms, notes = cifar.deploy_forms(torch.nn.Identity(), tmp_path, args)
     assert forms == []
     assert notes[0].startswith("onnxruntime_fp32: could not be loaded (")
