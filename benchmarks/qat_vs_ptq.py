@@ -95,7 +95,7 @@ def main():
     for bits, r in results["bits"].items():
         cell = lambda s, f="{:.4f}": f"{f.format(s['mean'])} ({f.format(s['min'])}-{f.format(s['max'])})"
         print(f"| {bits}-bit | {fp32:.4f} | {cell(r['ptq'])} | {cell(r['qat'])} | "
-              f"{cell(r['qat_minus_ptq'], '{:+.2f}')} | {verdict(r)} |")
+              f"{cell(r['qat_minus_ptq'], '{:+.2f}')} | {r['verdict']} |")
     print(f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}); wrote {output}")
 
 
