@@ -21,4 +21,4 @@ run: setup
 	$(PY) cifar.py --model $(MODEL) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -v tests
+	$(PY) -m pytest -v --durations=10 tests
