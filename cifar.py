@@ -34,8 +34,8 @@ import utils
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
 
-# The training recipe per model (--help shows it; flags override it). The epochs fill 25 / 48 minutes on 2 AVX512
-# Xeon cores and run longer on AVX2 cores; --time-budget sizes them for any CPU. Evidence: docs/experiments.md.
+# The training recipe per model (--help shows it; flags override it). Whole default runs take 25-30 / 48-55 minutes
+# on 2 AVX512 Xeon cores and longer on AVX2 cores; --time-budget sizes them for any CPU. Evidence: docs/experiments.md.
 DEFAULTS = {
     "mobilenet_v2": dict(
         epochs=12,
