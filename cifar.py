@@ -15,6 +15,7 @@
     torchrun --nproc-per-node 2 cifar.py ...   # float training and QAT on 2 processes (README: torchrun)
 """
 import argparse
+import contextlib
 import copy
 import os
 import signal
@@ -332,8 +333,9 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
     if peak < args.lr:
         print(f"note: a short run ({steps} steps < {SHORT_RUN_STEPS}): peak LR {peak:.3g} instead of {args.lr:g}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, peak, pct_start=args.warmup_pct, total_steps=steps)
-    history = fit(trained, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt,
-                  clock=clock)
+    with utils.dead_taps_cut(trained, torch.zeros(1, 3, 32, 32, device=device)):
+        history = fit(trained, optimizer, scheduler, batches, data, args, device, "fp32", args.epochs, out, ckpt,
+                      clock=clock)
     model.load_state_dict(trained.state_dict())  # SyncBatchNorm has BatchNorm2d's parameters and buffers
     return model.cpu().to(memory_format=torch.contiguous_format), history
 
@@ -424,15 +426,18 @@ def measure_pace(args, data, device):
             model.to(device, memory_format=torch.channels_last)
             optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
             net = utils.distribute(model, device)  # under torchrun the pace includes DDP's communication
-            for n in (PROBE_WARMUP, PROBE_BATCHES):
-                batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
-                                        padding=args.crop_padding, cutout=args.cutout)
-                pace[stage] = utils.train_one_epoch(net, batches, optimizer, None, criterion, device,
-                                                    f"timing {stage}", utils.LossGuard(factor=1e9))[2]
-            if stage == "fp32":
-                images, start = data["test"][0][:1000], time.perf_counter()
-                utils.predict(model, images, device)
-                pace["eval"] = len(images) / (time.perf_counter() - start)
+            # as train_float; QAT's fused convolutions are not cut (and zeros would skew its observers)
+            cut = utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)) if stage == "fp32" else None
+            with cut or contextlib.nullcontext():
+                for n in (PROBE_WARMUP, PROBE_BATCHES):
+                    batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
+                                            padding=args.crop_padding, cutout=args.cutout)
+                    pace[stage] = utils.train_one_epoch(net, batches, optimizer, None, criterion, device,
+                                                        f"timing {stage}", utils.LossGuard(factor=1e9))[2]
+                if stage == "fp32":
+                    images, start = data["test"][0][:1000], time.perf_counter()
+                    utils.predict(model, images, device)
+                    pace["eval"] = len(images) / (time.perf_counter() - start)
     return pace
 
 

@@ -210,3 +210,31 @@ def test_layer_sqnr_is_high_with_the_calibrated_scale_and_low_with_a_coarse_one(
     bad = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
     assert bad["layer2.0.conv1"] < 10 and bad["layer2.0.conv1"] < good["layer2.0.conv1"] - 15, (good, bad)
     assert all(abs(bad[n] - good[n]) < 1e-4 for n in list(good)[:list(good).index("layer2.0.conv1")])  # upstream
+
+
+@pytest.mark.parametrize("size, stride, dead", [(1, 1, True), (2, 2, True), (2, 1, False), (4, 1, False)])
+def test_cutting_dead_taps_keeps_outputs_and_gradients(size, stride, dead):
+    """A 3x3 conv (padding 1) on a 1x1 or 2x2 map: the cut kernel gives the plain conv's outputs and gradients."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, stride=stride, padding=1)
+    x = torch.randn(4, 6, size, size, requires_grad=True)
+    ref = conv(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
+    with utils.dead_taps_cut(conv, x[:1].detach()) as cut:
+        assert "_conv_forward" in conv.__dict__ if cut else "_conv_forward" not in conv.__dict__
+        out = conv(x)
+        grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+    assert cut == ([""] if dead else [])  # stride 1 on a 2x2 map: every tap meets the input at some output
+    assert "_conv_forward" not in conv.__dict__  # the module is plain again after the block
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name, cut", [("resnet18", ["layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1",
+                                                     "layer4.1.conv2"]), ("mobilenet_v2", [])])
+def test_dead_taps_are_cut_in_resnet18_layer4_only(name, cut):
+    model = models.create_model(name).train()
+    with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32)) as found:
+        assert found == cut
+    assert model.training  # the map-size pass ran in eval mode and left the mode as it was
