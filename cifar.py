@@ -15,7 +15,6 @@
     torchrun --nproc-per-node 2 cifar.py ...   # float training and QAT on 2 processes (README: torchrun)
 """
 import argparse
-import contextlib
 import copy
 import os
 import signal
@@ -426,9 +425,7 @@ def measure_pace(args, data, device):
             model.to(device, memory_format=torch.channels_last)
             optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
             net = utils.distribute(model, device)  # under torchrun the pace includes DDP's communication
-            # as train_float; QAT's fused convolutions are not cut (and zeros would skew its observers)
-            cut = utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)) if stage == "fp32" else None
-            with cut or contextlib.nullcontext():
+            with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)):  # as train_float
                 for n in (PROBE_WARMUP, PROBE_BATCHES):
                     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
                                             padding=args.crop_padding, cutout=args.cutout)

@@ -460,14 +460,16 @@ def dead_taps_cut(model, example):
     example: an input batch of the shape training uses (the map sizes are taken from one forward pass)."""
     sizes, hooks = {}, []
     for name, m in model.named_modules():
-        if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros" and m.dilation == (1, 1):
+        if (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+                and m.dilation == (1, 1)):
             hooks.append(m.register_forward_pre_hook(lambda m, x, name=name: sizes.update({name: x[0].shape[-1]})))
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()(example)
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
+    if hooks:  # no plain Conv2d (a QAT model's are fused): no forward pass, which would feed its observers
+        was_training = model.training
+        with torch.no_grad():
+            model.eval()(example)
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
     cut = {}
     for name, m in model.named_modules():
         if name in sizes and (taps := live_taps(m, sizes[name])) != [(0, k - 1) for k in m.kernel_size]:
