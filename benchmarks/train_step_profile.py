@@ -33,13 +33,6 @@ import utils  # noqa: E402
 BACKENDS = {"onednn": True, "native": False}  # torch.backends.mkldnn enabled?
 
 
-def cpu_name():
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def in_turns(fns, rounds, number):
     """Median seconds per call of each {name: (fn, mkldnn_enabled)}, the names taken in turns in every round."""
     times = {name: [] for name in fns}
@@ -106,7 +99,7 @@ def main():
     torch.manual_seed(0)
     limits = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
-    print(f"{cpu_name()}, capability {torch.backends.cpu.get_cpu_capability()} {limits or '(no ISA cap)'}, "
+    print(f"{utils.platform_cpu()}, capability {torch.backends.cpu.get_cpu_capability()} {limits or '(no ISA cap)'}, "
           f"{args.threads} threads, torch {torch.__version__}, {args.model} float, batch {bs}, "
           f"median of {args.rounds} rounds x {args.number} calls, backends in turn")
 
