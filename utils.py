@@ -1,5 +1,6 @@
 """Data, training loop and small helpers shared by cifar.py and the tests."""
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -452,24 +453,21 @@ def _cut_conv(x, weight, bias, taps, stride, padding, groups):
 
 @contextlib.contextmanager
 def dead_taps_cut(model, example):
-    """Within the block, every Conv2d of model whose kernel reaches past its input map into the zero padding only
-    (ResNet18's 3x3 convolutions on its 2x2 and 1x1 maps) runs with those taps cut from its kernel: the same
-    outputs and gradients (a dead tap's gradient is 0 either way) for up to 9x less work, where oneDNN's AVX2
-    kernels are slowest (docs/experiments.md). Parameters and state_dict stay as they are. Yields the names cut.
+    """Within the block, every Conv2d of model (QAT's fused, fake-quantized ones too) whose kernel reaches past its
+    input map into the zero padding only (ResNet18's 3x3 convolutions on its 2x2 and 1x1 maps) runs with those taps
+    cut from its kernel: the same outputs and gradients (a dead tap's gradient is 0 either way) for up to 9x less
+    work, where oneDNN's AVX2 kernels are slowest (docs/experiments.md). Parameters and state_dict stay as they
+    are. Yields the names cut.
 
-    example: an input batch of the shape training uses (the map sizes are taken from one forward pass)."""
-    sizes, hooks = {}, []
-    for name, m in model.named_modules():
-        if (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+    example: an input batch of the shape training uses. The map sizes come from one forward pass of a copy of
+    model, so that nothing of model's state (BN statistics, quantization ranges) moves."""
+    probe, sizes = copy.deepcopy(model).eval(), {}
+    for name, m in probe.named_modules():
+        if (isinstance(m, torch.nn.Conv2d) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
                 and m.dilation == (1, 1)):
-            hooks.append(m.register_forward_pre_hook(lambda m, x, name=name: sizes.update({name: x[0].shape[-1]})))
-    if hooks:  # no plain Conv2d (a QAT model's are fused): no forward pass, which would feed its observers
-        was_training = model.training
-        with torch.no_grad():
-            model.eval()(example)
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+            m.register_forward_pre_hook(lambda m, x, name=name: sizes.update({name: x[0].shape[-1]}))
+    with torch.no_grad():
+        probe(example)
     cut = {}
     for name, m in model.named_modules():
         if name in sizes and (taps := live_taps(m, sizes[name])) != [(0, k - 1) for k in m.kernel_size]:

@@ -1,9 +1,10 @@
-"""Where a float training step spends its time, layer by layer, and oneDNN's convolutions against PyTorch's native ones.
+"""Where a float (--qat: QAT) training step spends its time, layer by layer, and oneDNN's convolutions against
+PyTorch's native ones.
 
 For every convolution of the model (its input shape taken from a real forward pass in channels_last, as cifar.py
 trains) the forward + backward pass of that layer alone is timed with oneDNN (torch's default on x86) and with
 oneDNN disabled (PyTorch's native im2col + BLAS kernels) and, where a kernel reaches into the zero padding only,
-with those taps cut (utils.dead_taps_cut, as cifar.py's float training runs), all in turns over --rounds rounds,
+with those taps cut (utils.dead_taps_cut, as cifar.py's float and QAT training run), all in turns over --rounds rounds,
 median per round. Then the whole training step (forward, backward, SGD) the three ways, in turns, and the step's
 top operators from torch.profiler (plain oneDNN).
 
@@ -93,6 +94,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=5, help="rounds, both backends in turn in each")
     p.add_argument("--number", type=int, default=3, help="calls per backend per round (after one untimed)")
+    p.add_argument("--qat", action="store_true", help="the QAT model (fused, fake-quantized), as cifar.py's QAT stage")
     args = p.parse_args()
     bs = args.batch_size or cifar.DEFAULTS[args.model]["batch_size"]
     torch.set_num_threads(args.threads)
@@ -100,10 +102,16 @@ def main():
     limits = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
     print(f"{utils.platform_cpu()}, capability {torch.backends.cpu.get_cpu_capability()} {limits or '(no ISA cap)'}, "
-          f"{args.threads} threads, torch {torch.__version__}, {args.model} float, batch {bs}, "
-          f"median of {args.rounds} rounds x {args.number} calls, backends in turn")
+          f"{args.threads} threads, torch {torch.__version__}, {args.model} {'QAT' if args.qat else 'float'}, "
+          f"batch {bs}, median of {args.rounds} rounds x {args.number} calls, backends in turn")
 
-    model = models.create_model(args.model).to(memory_format=torch.channels_last).train()
+    model = models.create_model(args.model)
+    if args.qat:
+        for m in model.modules():  # zero-initialised BN weights would make fake quantization divide by 0
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+        models.prepare_quantization(model, qat=True)
+    model = model.to(memory_format=torch.channels_last).train()
     layers = conv_inputs(model, bs)
     print(f"\n{'layer':28s} {'conv':>24s} {'map':>5s} {'MMAC/img':>8s}  {'onednn ms':>9s} {'native ms':>9s} "
           f"{'native/onednn':>13s}  onednn GFLOP/s  {'cut ms':>10s}")
@@ -139,7 +147,7 @@ def main():
 
     steps = {b: (model_step(model, bs), enabled) for b, enabled in BACKENDS.items()}
     cut_model = copy.deepcopy(model)
-    with utils.dead_taps_cut(cut_model, torch.zeros(1, 3, 32, 32)):  # as cifar.py's float training
+    with utils.dead_taps_cut(cut_model, torch.zeros(1, 3, 32, 32)):  # as cifar.py's float and QAT training
         steps["cut"] = (model_step(cut_model, bs), True)
         for fn, enabled in steps.values():
             torch.backends.mkldnn.enabled = enabled

@@ -8,6 +8,7 @@ import torch.ao.nn.intrinsic as nni
 import torch.ao.nn.intrinsic.qat as nniqat
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
+from torch.ao import quantization as tq
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -238,3 +239,26 @@ def test_dead_taps_are_cut_in_resnet18_layer4_only(name, cut):
     with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32)) as found:
         assert found == cut
     assert model.training  # the map-size pass ran in eval mode and left the mode as it was
+
+
+def test_qat_convs_are_cut_too_with_the_same_outputs_and_gradients_and_no_state_moved():
+    """QAT's fused convs (ConvBn2d, ConvBnReLU2d) call the same _conv_forward: cut, they compute what the plain QAT
+    model computes; entering the block feeds no observer and no BN statistic (the map sizes come from a copy)."""
+    torch.manual_seed(0)
+    model = models.create_model("resnet18")
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # zero-initialised BN: no signal
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+    models.prepare_quantization(model, qat=True)
+    model.apply(tq.disable_fake_quant)  # rounding to the int8 grid would turn last-bit differences into steps
+    plain, before = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with utils.dead_taps_cut(model, x[:1]) as cut:
+        assert cut == ["layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"]
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    ref = plain(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(plain.parameters()))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):  # equal up to rounding, which 20 training-mode BN layers amplify elementwise
+        assert (g - r).norm() <= 1e-4 * r.norm()

@@ -19,7 +19,7 @@ def clock_for(*argv, n_train=50000, n_test=10000):
 
 
 @pytest.mark.parametrize("pace", [dict(fp32=200, qat=100, eval=800), dict(fp32=750, qat=450, eval=3000)])
-@pytest.mark.parametrize("minutes", [30, 60])
+@pytest.mark.parametrize("minutes", [45, 60])
 def test_chosen_epochs_fit_the_budget_and_one_more_would_not(pace, minutes):
     clock = clock_for("--time-budget", str(minutes))
     epochs, projected = cifar.choose_epochs(clock, pace, minutes * 60, used_s=30)
