@@ -30,6 +30,9 @@ def assert_one_line_error(proc, *fragments):
     (["--bench-batch-sizes", "0"], "--bench-batch-sizes"),
     (["--weight-bits", "5"], "--weight-bits"),
     (["--deploy-runtimes", "tensorrt"], "--deploy-runtimes"),
+    (["--time-budget", "30", "--epochs", "3"], "give either it or --epochs"),
+    (["--time-budget", "30", "--float-checkpoint", "fp32.pt"], "give either it or --float-checkpoint"),
+    (["--time-budget", "0"], "--time-budget"),
 ])
 def test_bad_values(args, fragment, tmp_path):
     proc = run_cli(*args, "--out-dir", tmp_path / "out")
@@ -100,3 +103,11 @@ def test_data_dir_with_only_hidden_files_still_tries_the_download(tmp_path):
     proc = run_cli("--data-dir", data, "--out-dir", tmp_path / "out", timeout=120)
     assert_one_line_error(proc, "download failed")
     assert [p.name for p in data.iterdir()] == [".gitkeep"]
+
+
+def test_a_time_budget_below_one_epoch_names_the_minimum(data_dir, tmp_path):
+    """The pace is measured on the data, then the run stops before training: nothing written."""
+    proc = run_cli("--time-budget", "0.05", "--data-dir", data_dir, "--cache-dir", tmp_path / "cache",
+                   "--out-dir", tmp_path / "out", timeout=300)
+    assert_one_line_error(proc, "--time-budget 0.05 is too small here", "minutes")
+    assert not (tmp_path / "out").exists()
