@@ -430,7 +430,7 @@ def measure_pace(args, data, device):
             model.to(device, memory_format=torch.channels_last)
             optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
             net = utils.distribute(model, device)  # under torchrun the pace includes DDP's communication
-            with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)):  # as train_float
+            with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)):  # as train_float and train_qat
                 for n in (PROBE_WARMUP, PROBE_BATCHES):
                     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
                                             padding=args.crop_padding, cutout=args.cutout)
