@@ -1,4 +1,6 @@
 """Command line: bad input gives one line on stderr, exit code 2, no traceback, nothing written."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -34,8 +36,11 @@ def assert_one_line_error(proc, *fragments):
     (["--time-budget", "30", "--float-checkpoint", "fp32.pt"], "give either it or --float-checkpoint"),
     (["--time-budget", "0"], "--time-budget"),
 ])
-def test_bad_values(args, fragment, tmp_path):
-    proc = run_cli(*args, "--out-dir", tmp_path / "out")
+def test_bad_values(args, fragment, tmp_path, capsys):
+    """In this process (the checks are argparse's; test_cuda_without_cuda takes the same path through cifar.py)."""
+    with pytest.raises(SystemExit) as exit_:
+        cifar.cli([*args, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "none")])
+    proc = SimpleNamespace(returncode=exit_.value.code, stderr=capsys.readouterr().err)
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "out").exists()
 

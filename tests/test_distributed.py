@@ -115,8 +115,8 @@ def test_quantization_parameters_are_the_same_on_every_process_after_broadcast_b
 
 # ---------------------------------------------------------------- the pipeline under torchrun
 
-ARGS = ["--model", "resnet18", "--qat-epochs", "1", "--lr", "0.02", "--no-ptq", "--bench-runs", "2",
-        "--bench-warmup", "0", "--bench-batch-sizes", "1"]
+ARGS = ["--model", "resnet18", "--qat-epochs", "1", "--lr", "0.02", "--no-ptq", "--deploy-runtimes", "onnxruntime",
+        "--bench-runs", "2", "--bench-warmup", "0", "--bench-batch-sizes", "1"]
 
 
 def torchrun(*args, probe, data_dir, out, wait=True):

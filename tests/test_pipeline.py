@@ -55,6 +55,14 @@ def test_report_has_every_key(smoke, model):
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_the_pinned_deprecations_are_said_once_and_never_warned(smoke, model):
+    """Every stage and runtime ran here (PTQ, 8- and 4-bit weights): none of their deprecation warnings shows."""
+    proc = smoke[model][1]
+    assert not re.search(r"deprecated|(Deprecation|Future)Warning", proc.stderr, re.I), proc.stderr[-2000:]
+    assert proc.stdout.count("are deprecated in torch") == 1
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model):
     r = report_of(smoke, model)
     forms = {f["name"]: f for f in r["deploy"]}

@@ -14,8 +14,10 @@ from conftest import ROOT, run_cli, write_folder
 
 pytestmark = pytest.mark.slow  # most tests here run cifar.py in a subprocess
 
+# The deploy stage verifies and times one runtime here: the smoke runs of test_pipeline cover all of them.
 QUICK = ["--model", "resnet18", "--epochs", "3", "--qat-epochs", "1", "--batch-size", "50", "--lr", "0.02",
-         "--no-ptq", "--bench-runs", "2", "--bench-warmup", "0", "--bench-batch-sizes", "1"]
+         "--no-ptq", "--deploy-runtimes", "onnxruntime", "--bench-runs", "2", "--bench-warmup", "0",
+         "--bench-batch-sizes", "1"]
 
 
 def snapshot(folder):
