@@ -431,7 +431,7 @@ def measure_pace(args, data, device):
             optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
             net = utils.distribute(model, device)  # under torchrun the pace includes DDP's communication
             with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)):  # as train_float and train_qat
-                for n in (PROBE_WARMUP, PROBE_BATCHES):
+                for n in (PROBE_WARMUP, PROBE_BATCHES[stage]):
                     batches = utils.Batches(*data["train"], args.batch_size, args.seed, device, max_batches=n,
                                             padding=args.crop_padding, cutout=args.cutout)
                     pace[stage] = utils.train_one_epoch(net, batches, optimizer, None, criterion, device,
@@ -443,8 +443,8 @@ def measure_pace(args, data, device):
     return pace
 
 
-# --time-budget plans for this share of the measured pace: the 20-batch probe has misjudged a run's pace by -15% to
-# +12% (docs/experiments.md), and a budget is a limit, so the run should rather end a little early.
+# --time-budget plans for this share of the measured pace: the probe has misjudged a run's pace by -15% to +12%
+# (docs/experiments.md; a shared VM's pace drifts during a run), and a budget is a limit: rather end a little early.
 PACE_MARGIN = 0.9
 
 
@@ -477,7 +477,9 @@ def plan_epochs(args, data, device, clock):
                 chosen_epochs=epochs, projected_s=projected)
 
 
-PROBE_WARMUP, PROBE_BATCHES = 3, 20
+# Timed batches per stage: against 200 batches, 20 float batches misjudged ResNet18's pace by up to 17%, 60 by up to
+# 6% (MobileNetV2: 19% and 16%); QAT, a small part of a run, gained nothing from 60 (benchmarks/README.md).
+PROBE_WARMUP, PROBE_BATCHES = 3, {"fp32": 60, "qat": 20}
 
 
 def calibrate_ptq(fp32_model, data, args):
