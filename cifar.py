@@ -50,7 +50,7 @@ DEFAULTS = {
         batch_size=128,
         lr=0.1,
         weight_decay=5e-4,
-        crop_padding=4,
+        crop_padding=2,     # 15 epochs underfit with 4 (train accuracy = held-out); 2: +0.5 point, 2 seeds
         cutout=0),          # Cutout (--cutout 8) pays only in long runs, which overfit without it (40 epochs)
 }
 
