@@ -414,6 +414,11 @@ class RunClock:
         return f"  ETA {time.strftime('%H:%M', time.localtime(end))}{first}"
 
 
+# Timed batches per stage: against 200 batches, 20 float batches misjudged ResNet18's pace by up to 17%, 60 by up to
+# 6% (MobileNetV2: 19% and 16%); QAT, a small part of a run, gained nothing from 60 (benchmarks/README.md).
+PROBE_WARMUP, PROBE_BATCHES = 3, {"fp32": 60, "qat": 20}
+
+
 def measure_pace(args, data, device):
     """Images/s of float and QAT training steps (after PROBE_WARMUP untimed ones) and of float inference, on
     throwaway models. Every RNG it touches is restored: --epochs N with the epochs chosen from this pace trains
@@ -475,11 +480,6 @@ def plan_epochs(args, data, device, clock):
           f"{projected / 60:.1f} min")
     return dict(minutes=args.time_budget, images_per_s=pace["fp32"], qat_images_per_s=pace["qat"],
                 chosen_epochs=epochs, projected_s=projected)
-
-
-# Timed batches per stage: against 200 batches, 20 float batches misjudged ResNet18's pace by up to 17%, 60 by up to
-# 6% (MobileNetV2: 19% and 16%); QAT, a small part of a run, gained nothing from 60 (benchmarks/README.md).
-PROBE_WARMUP, PROBE_BATCHES = 3, {"fp32": 60, "qat": 20}
 
 
 def calibrate_ptq(fp32_model, data, args):
