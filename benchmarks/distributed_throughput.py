@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cifar  # noqa: E402
-import utils  # noqa: E402
+import report  # noqa: E402
 
 
 def run(side, args, out):
@@ -61,14 +61,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for side in sides:
-                report = run(side, args, Path(tmp) / f"{r}_{side[0]}")
+                result = run(side, args, Path(tmp) / f"{r}_{side[0]}")
                 for stage in ("fp32", "qat"):
-                    speed[side][stage].append(report["train_images_per_s"][stage])
+                    speed[side][stage].append(result["train_images_per_s"][stage])
                 print(f"round {r + 1}/{args.rounds}, {side}: float {speed[side]['fp32'][-1]:.0f} img/s, "
                       f"QAT {speed[side]['qat'][-1]:.0f} img/s", flush=True)
     n = args.processes
     print(f"\n{args.model}, global batch {args.batch_size}, {args.train_subset} images x {args.epochs} float epochs + "
-          f"{args.qat_batches} QAT batches; {utils.platform_cpu()}, {torch.backends.cpu.get_cpu_capability()}, "
+          f"{args.qat_batches} QAT batches; {report.platform_cpu()}, {torch.backends.cpu.get_cpu_capability()}, "
           f"torch {torch.__version__}; median of {args.rounds} alternating rounds\n")
     print(f"| stage | 1 process x {n} threads (img/s) | {n} processes x 1 thread (img/s) | ratio |")
     print("|---|---|---|---|")

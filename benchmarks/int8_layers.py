@@ -22,21 +22,20 @@ import torch
 import torch.ao.nn.quantized as nnq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cifar  # noqa: E402
+import deploy  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
 
 
 def fastest_fp32(layer, x):
-    """cifar.fp32_candidates' optimized TorchScript forms of one layer; the faster on x (NCHW vs channels_last)."""
+    """deploy.fp32_candidates' optimized TorchScript forms of one layer; the faster on x (NCHW vs channels_last)."""
     forms = []
     for fmt in (torch.contiguous_format, torch.channels_last) if x.dim() == 4 else (torch.contiguous_format,):
         m = copy.deepcopy(layer).eval().to(memory_format=fmt)
         xf = x.contiguous(memory_format=fmt)
         ts = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(m, xf)))
-        forms.append((utils.time_it(lambda: ts(xf), 5, 20)["median"], lambda ts=ts, xf=xf: ts(xf)))
+        forms.append((deploy.time_it(lambda: ts(xf), 5, 20)["median"], lambda ts=ts, xf=xf: ts(xf)))
     return min(forms, key=lambda f: f[0])[1]
 
 
@@ -45,7 +44,7 @@ def in_turns(fns, rounds, runs):
     times = [[] for _ in fns]
     for _ in range(rounds):
         for t, fn in zip(times, fns):
-            t.append(utils.time_it(fn, 2, runs)["median"])
+            t.append(deploy.time_it(fn, 2, runs)["median"])
     return [float(np.median(t)) for t in times]
 
 
@@ -109,9 +108,9 @@ def main():
     # The whole model: int8 TorchScript repacked under each engine (TorchScript re-packs weights when loaded).
     buffer = io.BytesIO()
     torch.jit.save(models.to_torchscript(int8_model), buffer)
-    fp32_forms = cifar.fp32_candidates(fp32_model)
+    fp32_forms = deploy.fp32_candidates(fp32_model)
     with torch.inference_mode():
-        best = min(fp32_forms, key=lambda f: utils.time_it(lambda: fp32_forms[f](x), 3, 10)["median"])
+        best = min(fp32_forms, key=lambda f: deploy.time_it(lambda: fp32_forms[f](x), 3, 10)["median"])
         for engine in ("fbgemm", "x86", "onednn"):
             torch.backends.quantized.engine = engine
             buffer.seek(0)

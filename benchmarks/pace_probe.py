@@ -1,6 +1,6 @@
 """How well --time-budget's pace probe predicts the training pace, for several probe lengths.
 
-cifar.measure_pace (the probe --time-budget runs: PROBE_WARMUP untimed, then N timed float and QAT batches on
+schedule.measure_pace (the probe --time-budget runs: PROBE_WARMUP untimed, then N timed float and QAT batches on
 throwaway models) is run with each --probes length and with --reference batches, in turns (the order rotated every
 round), for --rounds rounds. Each probe's error is taken against the reference of its own round, so a change of
 the machine's pace between rounds is not counted as the probe's error.
@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cifar  # noqa: E402
-import utils  # noqa: E402
+import report  # noqa: E402
+import schedule  # noqa: E402
 
 
 def main():
@@ -31,15 +32,15 @@ def main():
     torch.set_num_threads(args.threads)
     data = cifar.load_data(args)
     lengths = [*a.probes, a.reference]
-    print(f"{utils.platform_cpu()}, capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
-          f"{a.model} batch {args.batch_size}, {cifar.PROBE_WARMUP} untimed batches first")
+    print(f"{report.platform_cpu()}, capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
+          f"{a.model} batch {args.batch_size}, {schedule.PROBE_WARMUP} untimed batches first")
     paces = {n: [] for n in lengths}
     for r in range(a.rounds):
         for n in lengths[r % len(lengths):] + lengths[:r % len(lengths)]:
-            cifar.PROBE_BATCHES = {"fp32": n, "qat": n}
-            paces[n].append(cifar.measure_pace(args, data, torch.device("cpu")))
+            schedule.PROBE_BATCHES = {"fp32": n, "qat": n}
+            paces[n].append(schedule.measure_pace(args, data, torch.device("cpu")))
         print(f"round {r + 1}: " + "  ".join(f"{n} batches fp32 {paces[n][-1]['fp32']:.0f} qat "
-                                               f"{paces[n][-1]['qat']:.0f}" for n in lengths), flush=True)
+                                             f"{paces[n][-1]['qat']:.0f}" for n in lengths), flush=True)
     print(f"\nimg/s, median [min-max] over {a.rounds} rounds; error: probe / reference of the same round - 1")
     for stage in ("fp32", "qat"):
         ref = [q[stage] for q in paces[a.reference]]

@@ -22,19 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cifar  # noqa: E402
 import models  # noqa: E402
+import report  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
 
 def quantize(fp32_model, data, argv, seed, bits):
     """(PTQ int8 top-1, QAT int8 top-1, QAT seconds) of one seed and bit width."""
     args = cifar.parse_args([*argv, "--seed", str(seed), "--weight-bits", str(bits)])
-    ptq = utils.accuracy(cifar.calibrate_ptq(fp32_model, data, args), data["test"])
+    ptq = training.accuracy(cifar.calibrate_ptq(fp32_model, data, args), data["test"])
     torch.manual_seed(seed)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:  # train_qat checkpoints each epoch; nothing of it is kept
         qat_model, _ = cifar.train_qat(fp32_model, [], data, args, torch.device("cpu"), Path(out))
     qat_s = time.perf_counter() - start
-    qat = utils.accuracy(cifar.quantize_int8(qat_model, args)[0], data["test"])
+    qat = training.accuracy(cifar.quantize_int8(qat_model, args)[0], data["test"])
     return ptq, qat, qat_s
 
 
@@ -71,13 +73,13 @@ def main():
     torch.backends.quantized.engine = models.ENGINE
     data = cifar.load_data(args)
     fp32_model = models.create_model(a.model)
-    fp32_model.load_state_dict(utils.load_state_dict(fp32_path, fp32_model))
-    env = utils.environment(args.threads)
-    fp32 = utils.accuracy(fp32_model, data["test"])
+    fp32_model.load_state_dict(training.load_state_dict(fp32_path, fp32_model))
+    env = report.environment(args.threads)
+    fp32 = training.accuracy(fp32_model, data["test"])
     print(f"{a.model} from {fp32_path}: fp32 {fp32:.4f}; {env['cpu']} ({env['cpu_capability']}), "
           f"{args.threads} threads; QAT {args.qat_epochs} x {args.qat_batches} batches of {args.batch_size}")
     results = dict(model=a.model, fp32_state_dict=str(fp32_path), fp32=fp32, seeds=a.seeds, environment=env,
-                   qat_settings=cifar.stage_settings(args)["qat"], test_images=len(data["test"][1]), bits={})
+                   qat_settings=training.stage_settings(args)["qat"], test_images=len(data["test"][1]), bits={})
     for bits in a.bits:
         runs = []
         for seed in a.seeds:

@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cifar  # noqa: E402
+import data  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
+import report  # noqa: E402
 
 
 def main():
@@ -37,19 +38,19 @@ def main():
         models.ARCHS["mobilenet_v2"] = functools.partial(models.ARCHS["mobilenet_v2"], width_mult=a.width_mult)
     args = cifar.parse_args(["--model", a.model, *a.cifar_args])
     torch.set_num_threads(args.threads)
-    images, labels = utils.load_cifar10(args.data_dir, args.cache_dir)["train"]
+    images, labels = data.load_cifar10(args.data_dir, args.cache_dir)["train"]
     held = torch.zeros(len(labels), dtype=torch.bool)
-    held[utils.balanced_subset(labels, a.holdout, a.holdout_seed)] = True
-    data = {"train": (images[~held], labels[~held]), "test": (images[held], labels[held])}
+    held[data.balanced_subset(labels, a.holdout, a.holdout_seed)] = True
+    splits = {"train": (images[~held], labels[~held]), "test": (images[held], labels[held])}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    _, history = cifar.train_float(args, data, torch.device("cpu"), out)
+    _, history = cifar.train_float(args, splits, torch.device("cpu"), out)
     width = models.ARCHS[a.model].keywords.get("width_mult") if a.model == "mobilenet_v2" else None
     result = dict(model=a.model, width_mult=width, cifar_args=a.cifar_args, holdout=a.holdout,
                   holdout_acc=[round(h["test_acc"], 4) for h in history], seconds=round(time.perf_counter() - start),
                   images_per_s=round(sum(h["images_per_s"] for h in history) / len(history)),
-                  cpu=utils.platform_cpu(), capability=torch.backends.cpu.get_cpu_capability())
+                  cpu=report.platform_cpu(), capability=torch.backends.cpu.get_cpu_capability())
     print(json.dumps(result))
     with open(out / "result.json", "w") as f:
         json.dump(result, f)

@@ -4,8 +4,8 @@ PyTorch's native ones.
 For every convolution of the model (its input shape taken from a real forward pass in channels_last, as cifar.py
 trains) the forward + backward pass of that layer alone is timed with oneDNN (torch's default on x86) and with
 oneDNN disabled (PyTorch's native im2col + BLAS kernels) and, where a kernel reaches into the zero padding only,
-with those taps cut (utils.dead_taps_cut, as cifar.py's float and QAT training run), all in turns over --rounds rounds,
-median per round. Then the whole training step (forward, backward, SGD) the three ways, in turns, and the step's
+with those taps cut (training.dead_taps_cut, as cifar.py's float and QAT training run), all in turns over --rounds
+rounds, median per round. Then the whole training step (forward, backward, SGD) the three ways, in turns, and the step's
 top operators from torch.profiler (plain oneDNN).
 
 To see what the same CPU does with AVX2 alone (the ISA of the slower machines), cap the ISA of ATen, oneDNN and
@@ -29,7 +29,8 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cifar  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
+import report  # noqa: E402
+import training  # noqa: E402
 
 BACKENDS = {"onednn": True, "native": False}  # torch.backends.mkldnn enabled?
 
@@ -101,7 +102,7 @@ def main():
     torch.manual_seed(0)
     limits = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
-    print(f"{utils.platform_cpu()}, capability {torch.backends.cpu.get_cpu_capability()} {limits or '(no ISA cap)'}, "
+    print(f"{report.platform_cpu()}, capability {torch.backends.cpu.get_cpu_capability()} {limits or '(no ISA cap)'}, "
           f"{args.threads} threads, torch {torch.__version__}, {args.model} {'QAT' if args.qat else 'float'}, "
           f"batch {bs}, median of {args.rounds} rounds x {args.number} calls, backends in turn")
 
@@ -121,7 +122,7 @@ def main():
         fn()
         fns = {b: (fn, enabled) for b, enabled in BACKENDS.items()}
         cut_conv = copy.deepcopy(conv)
-        with utils.dead_taps_cut(cut_conv, torch.zeros(1, *shape[1:])) as cut:
+        with training.dead_taps_cut(cut_conv, torch.zeros(1, *shape[1:])) as cut:
             if cut:
                 fns["cut"] = (layer_step(cut_conv, shape, first=i == 0), True)
                 fns["cut"][0]()
@@ -147,7 +148,7 @@ def main():
 
     steps = {b: (model_step(model, bs), enabled) for b, enabled in BACKENDS.items()}
     cut_model = copy.deepcopy(model)
-    with utils.dead_taps_cut(cut_model, torch.zeros(1, 3, 32, 32)):  # as cifar.py's float and QAT training
+    with training.dead_taps_cut(cut_model, torch.zeros(1, 3, 32, 32)):  # as cifar.py's float and QAT training
         steps["cut"] = (model_step(cut_model, bs), True)
         for fn, enabled in steps.values():
             torch.backends.mkldnn.enabled = enabled

@@ -27,8 +27,8 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cifar  # noqa: E402
+import data  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
 
 
 class SeedDataset(torch.utils.data.Dataset):
@@ -37,7 +37,7 @@ class SeedDataset(torch.utils.data.Dataset):
     def __init__(self, images, labels):
         self.images, self.labels = images.numpy(), labels.tolist()
         self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                             transforms.ToTensor(), transforms.Normalize(utils.MEAN, utils.STD)])
+                                             transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)])
 
     def __len__(self):
         return len(self.labels)
@@ -96,8 +96,8 @@ def same_images(train, batch_size):
 def our_batches(model_name, images, labels, batch_size):
     """cifar.py's training batches for the model: its crop padding and Cutout."""
     d = cifar.DEFAULTS[model_name]
-    return utils.Batches(images, labels, batch_size, seed=0, device="cpu", padding=d["crop_padding"],
-                         cutout=d["cutout"])
+    return data.Batches(images, labels, batch_size, seed=0, device="cpu", padding=d["crop_padding"],
+                        cutout=d["cutout"])
 
 
 def levers(args, images, labels):
@@ -144,7 +144,7 @@ def main():
     args = p.parse_args()
     args.batch_size = args.batch_size or cifar.DEFAULTS[args.model]["batch_size"]
     torch.set_num_threads(args.threads)
-    images, labels = utils.load_split(args.data_dir, train=True)
+    images, labels = data.load_split(args.data_dir, train=True)
     need = (args.batches + 2 * args.warmup) * max(SEED_BATCH, args.batch_size, 256 if args.levers else 0)
     images, labels = images[:need], labels[:need]
 

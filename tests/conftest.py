@@ -11,7 +11,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import utils  # noqa: E402
+import data  # noqa: E402
 
 
 def class_image(label, seed):
@@ -24,7 +24,7 @@ def class_image(label, seed):
     return img
 
 
-def write_folder(root, per_class=3, classes=utils.CLASSES, fmt="png"):
+def write_folder(root, per_class=3, classes=data.CLASSES, fmt="png"):
     for split in ("train", "test"):
         for label, name in enumerate(classes):
             d = Path(root) / split / name
@@ -40,13 +40,13 @@ def write_official(root, per_class=3):
     d.mkdir(parents=True)
     def batch(offset):
         labels = [c for c in range(10) for _ in range(per_class)]
-        data = np.stack([class_image(c, offset + i).transpose(2, 0, 1).reshape(-1)
-                         for i, c in enumerate(labels)])
-        return {"data": data, "labels": labels}
+        pixels = np.stack([class_image(c, offset + i).transpose(2, 0, 1).reshape(-1)
+                           for i, c in enumerate(labels)])
+        return {"data": pixels, "labels": labels}
     for i in range(1, 6):
         pickle.dump(batch(100 * i), open(d / f"data_batch_{i}", "wb"))
     pickle.dump(batch(0), open(d / "test_batch", "wb"))
-    pickle.dump({"label_names": utils.CLASSES}, open(d / "batches.meta", "wb"))
+    pickle.dump({"label_names": data.CLASSES}, open(d / "batches.meta", "wb"))
     return Path(root)
 
 
@@ -79,8 +79,8 @@ def cifar_dir():
 @pytest.fixture(scope="session")
 def real_images(cifar_dir, tmp_path_factory):
     """A class-balanced batch of 200 real CIFAR-10 test images (uint8 NHWC) and labels."""
-    images, labels = utils.load_split(cifar_dir, train=False)
-    idx = utils.balanced_subset(labels, 200, seed=1)
+    images, labels = data.load_split(cifar_dir, train=False)
+    idx = data.balanced_subset(labels, 200, seed=1)
     return images[idx], labels[idx]
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import utils
 from conftest import class_image, write_folder
 
@@ -12,75 +13,75 @@ def labels_from_pixels(images):
 
 
 def test_find_layout(tiny_folder, official, tmp_path):
-    assert utils.find_layout(tiny_folder) == "folder"
-    assert utils.find_layout(official) == "official"
-    assert utils.find_layout(tmp_path / "nothing") is None
+    assert data.find_layout(tiny_folder) == "folder"
+    assert data.find_layout(official) == "official"
+    assert data.find_layout(tmp_path / "nothing") is None
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
 def test_image_folder_labels_follow_cifar10_order(tmp_path, fmt):
     root = write_folder(tmp_path / "cifar", per_class=2, fmt=fmt)
-    images, labels = utils.load_split(root, train=True, cache_dir=tmp_path / "cache")
+    images, labels = data.load_split(root, train=True, cache_dir=tmp_path / "cache")
     assert images.dtype == torch.uint8 and images.shape == (20, 32, 32, 3)
     assert labels.dtype == torch.int64 and labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert torch.equal(labels_from_pixels(images), labels)  # JPEG keeps the flat red channel close enough
 
 
 def test_official_layout_labels(official, tmp_path):
-    images, labels = utils.load_split(official, train=False, cache_dir=tmp_path / "cache")
+    images, labels = data.load_split(official, train=False, cache_dir=tmp_path / "cache")
     assert images.shape == (30, 32, 32, 3) and images.dtype == torch.uint8
     assert torch.equal(labels_from_pixels(images), labels)
     assert torch.equal(images[4], torch.from_numpy(class_image(1, 4)))
-    train = utils.load_cifar10(official, tmp_path / "cache")["train"]
+    train = data.load_cifar10(official, tmp_path / "cache")["train"]
     assert len(train[1]) == 150
 
 
 def test_decode_cache_is_used(tiny_folder, tmp_path):
     cache = tmp_path / "cache"
-    first = utils.load_split(tiny_folder, train=True, cache_dir=cache)
+    first = data.load_split(tiny_folder, train=True, cache_dir=cache)
     files = list(cache.glob("train-*.npz"))
     assert len(files) == 1
     # Prove the second load reads the cache: break the source image files, the cache still answers.
     for p in (tiny_folder / "train").rglob("*.png"):
         p.write_bytes(p.read_bytes())  # same size and count: same key
-    second = utils.load_split(tiny_folder, train=True, cache_dir=cache)
+    second = data.load_split(tiny_folder, train=True, cache_dir=cache)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     # A changed folder (one file more) gets a new key, not the stale cache.
     Image.fromarray(class_image(0, 99)).save(tiny_folder / "train" / "airplane" / "extra.png")
-    third = utils.load_split(tiny_folder, train=True, cache_dir=cache)
+    third = data.load_split(tiny_folder, train=True, cache_dir=cache)
     assert len(third[1]) == len(first[1]) + 1
 
 
 def test_missing_and_extra_class(tmp_path):
-    root = write_folder(tmp_path / "a", per_class=1, classes=utils.CLASSES[:9])
+    root = write_folder(tmp_path / "a", per_class=1, classes=data.CLASSES[:9])
     with pytest.raises(utils.UserError, match=r"missing: \['truck'\]"):
-        utils.load_split(root, train=True, cache_dir=tmp_path / "cache")
-    root = write_folder(tmp_path / "b", per_class=1, classes=utils.CLASSES + ["zebra"])
+        data.load_split(root, train=True, cache_dir=tmp_path / "cache")
+    root = write_folder(tmp_path / "b", per_class=1, classes=data.CLASSES + ["zebra"])
     with pytest.raises(utils.UserError, match=r"unexpected: \['zebra'\]"):
-        utils.load_split(root, train=True, cache_dir=tmp_path / "cache")
+        data.load_split(root, train=True, cache_dir=tmp_path / "cache")
 
 
 def test_corrupt_image_is_named(tiny_folder, tmp_path):
     bad = tiny_folder / "train" / "cat" / "0001.png"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(utils.UserError, match="0001.png"):
-        utils.load_split(tiny_folder, train=True, cache_dir=tmp_path / "cache")
+        data.load_split(tiny_folder, train=True, cache_dir=tmp_path / "cache")
 
 
 def test_balanced_subset_is_balanced_and_seeded():
     labels = torch.arange(10).repeat_interleave(50)
-    idx = utils.balanced_subset(labels, 95, seed=3)
+    idx = data.balanced_subset(labels, 95, seed=3)
     counts = torch.bincount(labels[idx], minlength=10)
     assert len(idx) == 95 and counts.max() - counts.min() <= 1 and len(idx.unique()) == 95
-    assert torch.equal(idx, utils.balanced_subset(labels, 95, seed=3))
-    assert not torch.equal(idx, utils.balanced_subset(labels, 95, seed=4))
+    assert torch.equal(idx, data.balanced_subset(labels, 95, seed=3))
+    assert not torch.equal(idx, data.balanced_subset(labels, 95, seed=4))
 
 
 @pytest.mark.parametrize("padding", [0, 2, 4])
 def test_augment_is_a_padded_crop_or_its_mirror(padding):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
-    out = utils.augment(images, g, padding)
+    out = data.augment(images, g, padding)
     assert out.shape == images.shape and out.dtype == torch.uint8
     p = padding
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (p, p, p, p)).permute(0, 2, 3, 1)
@@ -97,9 +98,9 @@ def test_augment_is_a_padded_crop_or_its_mirror(padding):
 
 def test_cutout_paints_one_mean_coloured_square_per_image_over_the_same_crops():
     images = torch.randint(0, 256, (200, 32, 32, 3), dtype=torch.uint8)
-    plain = utils.augment(images, torch.Generator().manual_seed(0), 2)
-    cut = utils.augment(images, torch.Generator().manual_seed(0), 2, cutout=8)
-    mean = torch.tensor(utils.MEAN_UINT8, dtype=torch.uint8)
+    plain = data.augment(images, torch.Generator().manual_seed(0), 2)
+    cut = data.augment(images, torch.Generator().manual_seed(0), 2, cutout=8)
+    mean = torch.tensor(data.MEAN_UINT8, dtype=torch.uint8)
     changed = (cut != plain).any(-1)  # (200, 32, 32)
     square = (cut == mean).all(-1) & ~(plain == mean).all(-1)
     assert torch.equal(changed, square)  # only the square changes, and it holds the mean colour
@@ -107,21 +108,21 @@ def test_cutout_paints_one_mean_coloured_square_per_image_over_the_same_crops():
     assert torch.equal(rows * cols, square.sum((1, 2)))  # one rectangle per image
     assert rows.max() == cols.max() == 8 and rows.min() >= 4  # 8 x 8, cut by the border at most to 4
     assert (square.sum((1, 2)) == 64).float().mean() > 0.5
-    assert utils.normalize(mean.expand(1, 32, 32, 3)).abs().max() < 0.01  # ~0 after normalising (1 step: 0.016)
+    assert data.normalize(mean.expand(1, 32, 32, 3)).abs().max() < 0.01  # ~0 after normalising (1 step: 0.016)
 
 
 def test_normalize_gives_normalised_nchw_floats():
     images = torch.full((4, 32, 32, 3), 255, dtype=torch.uint8)
-    x = utils.normalize(images)
+    x = data.normalize(images)
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     for c in range(3):
-        assert torch.allclose(x[:, c], torch.tensor((1 - utils.MEAN[c]) / utils.STD[c]))
+        assert torch.allclose(x[:, c], torch.tensor((1 - data.MEAN[c]) / data.STD[c]))
 
 
 def test_batches_cover_the_epoch_and_repeat_with_the_seed():
     images = torch.randint(0, 256, (50, 32, 32, 3), dtype=torch.uint8)
     labels = torch.arange(50)
-    run = lambda seed: [(x.clone(), y.clone()) for x, y in utils.Batches(images, labels, 16, seed, "cpu")]
+    run = lambda seed: [(x.clone(), y.clone()) for x, y in data.Batches(images, labels, 16, seed, "cpu")]
     a, b, c = run(0), run(0), run(1)
     assert [len(y) for _, y in a] == [16, 16, 16, 2]
     assert sorted(torch.cat([y for _, y in a]).tolist()) == list(range(50))
@@ -132,17 +133,8 @@ def test_batches_cover_the_epoch_and_repeat_with_the_seed():
 
 def test_max_batches_ends_each_epoch_early_on_a_fresh_part_of_the_data():
     images = torch.randint(0, 256, (50, 32, 32, 3), dtype=torch.uint8)
-    batches = utils.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=2)
+    batches = data.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=2)
     first, second = [torch.cat([y for _, y in batches]) for _ in range(2)]
     assert len(batches) == 2 and len(first) == len(second) == 32
     assert len(set(first.tolist())) == 32 and set(first.tolist()) != set(second.tolist())
-    assert len(utils.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=9)) == 4
-
-
-def test_vnni_is_read_from_the_cpu_flags(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n")
-    assert utils.cpu_has_vnni(info) is True
-    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n")  # AVX2/AVX512 only
-    assert utils.cpu_has_vnni(info) is False
-    assert utils.cpu_has_vnni(tmp_path / "missing") is None
+    assert len(data.Batches(images, torch.arange(50), 16, 0, "cpu", max_batches=9)) == 4

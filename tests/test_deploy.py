@@ -2,12 +2,12 @@
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-import cifar
-import utils
+import data
+import deploy
+import report
 
 
 def form(name, precision, medians, verified=True):
@@ -16,24 +16,24 @@ def form(name, precision, medians, verified=True):
 
 
 def test_recommendation_is_the_fastest_verified_form_of_each_precision():
-    deploy = [form("fast_but_wrong", "int8", {"1": 0.1, "64": 1.0}, verified=False),
-              form("int8_a", "int8", {"1": 0.5, "64": 8.0}),
-              form("int8_b", "int8", {"1": 0.7, "64": 6.0}),
-              form("int8_split", "int8", {"64": 5.0}),  # timed at batch 64 only (the throughput hint's kind)
-              form("fp32_a", "fp32", {"1": 1.5, "64": 30.0}),
-              form("fp32_b", "fp32", {"1": 1.0, "64": 40.0}),
-              form("bf16", "bf16", {"1": 0.2, "64": 2.0})]  # neither int8 nor fp32: never recommended
-    recommended, ratio = utils.recommend(deploy, [1, 64])
+    rows = [form("fast_but_wrong", "int8", {"1": 0.1, "64": 1.0}, verified=False),
+            form("int8_a", "int8", {"1": 0.5, "64": 8.0}),
+            form("int8_b", "int8", {"1": 0.7, "64": 6.0}),
+            form("int8_split", "int8", {"64": 5.0}),  # timed at batch 64 only (the throughput hint's kind)
+            form("fp32_a", "fp32", {"1": 1.5, "64": 30.0}),
+            form("fp32_b", "fp32", {"1": 1.0, "64": 40.0}),
+            form("bf16", "bf16", {"1": 0.2, "64": 2.0})]  # neither int8 nor fp32: never recommended
+    recommended, ratio = deploy.recommend(rows, [1, 64])
     assert recommended == {"1": {"int8": "int8_a", "fp32": "fp32_b"}, "64": {"int8": "int8_split", "fp32": "fp32_a"}}
     assert ratio == pytest.approx({"1": 1.0 / 0.5, "64": 30.0 / 5.0})
 
 
 def test_no_verified_form_of_a_precision_gives_no_pick_and_no_ratio():
-    recommended, ratio = utils.recommend([form("int8", "int8", {"1": 0.1}, verified=False),
+    recommended, ratio = deploy.recommend([form("int8", "int8", {"1": 0.1}, verified=False),
                                           form("fp32", "fp32", {"1": 1.0})], [1])
     assert recommended == {"1": {"fp32": "fp32"}} and ratio == {}
-    lines = utils.recommendation_lines(dict(recommended=recommended, speedup={"best_int8_vs_best_fp32": ratio},
-                                            deploy=[form("fp32", "fp32", {"1": 1.0})]))
+    lines = report.recommendation_lines(dict(recommended=recommended, speedup={"best_int8_vs_best_fp32": ratio},
+                                             deploy=[form("fp32", "fp32", {"1": 1.0})]))
     assert lines == ["recommended at batch 1: no verified int8 form, fp32 fp32 (1.000 ms)"]
 
 
@@ -52,7 +52,7 @@ def test_verification_rejects_a_form_that_disagrees_or_fails():
     wrong = lambda x: torch.zeros(len(x), 10)  # always class 0: agreement 0.1
     forms = [dict(name=n, precision="int8", runs={1: f, 32: f}) for n, f in
              (("good", good), ("wrong", wrong), ("broken", broken))]
-    cifar.verify_forms(forms, {"test": (images, labels)}, {"int8": labels})
+    deploy.verify_forms(forms, {"test": (images, labels)}, {"int8": labels})
     good_f, wrong_f, broken_f = forms
     assert good_f["verified"] and good_f["agreement"] == 1.0 and good_f["top1"] == 1.0 and good_f["note"] == ""
     assert not wrong_f["verified"] and "agreement 0.1000 < 0.99" in wrong_f["note"] and "top-1" in wrong_f["note"]
@@ -64,15 +64,15 @@ def test_fixed_batch_prediction_pads_the_last_batch_and_drops_the_padding():
     images = torch.randint(0, 256, (70, 32, 32, 3), dtype=torch.uint8)
     sizes = []
     run = lambda x: (sizes.append(len(x)), x.mean((2, 3)).repeat(1, 4)[:, :10])[1]
-    preds = utils.predict_fixed_batch(run, images, 32)
+    preds = deploy.predict_fixed_batch(run, images, 32)
     assert sizes == [32, 32, 32] and len(preds) == 70
-    assert torch.equal(preds, utils.normalize(images).mean((2, 3)).repeat(1, 4)[:, :10].argmax(1))
+    assert torch.equal(preds, data.normalize(images).mean((2, 3)).repeat(1, 4)[:, :10].argmax(1))
 
 
 def test_timing_interleaves_the_forms_in_rounds():
     order = []
     fns = {name: (lambda name=name: order.append(name)) for name in "ab"}
-    times = utils.time_interleaved(fns, warmup=2, runs=6, rounds=3)
+    times = deploy.time_interleaved(fns, warmup=2, runs=6, rounds=3)
     # warm-up, then 3 rounds in which each fn makes one untimed call and 2 timed ones, in turn
     assert order == list("aabb") + list("aaabbb") * 3
     assert set(times) == {"a", "b"} and all(0 < t["median"] <= t["p90"] for t in times.values())
@@ -83,7 +83,7 @@ def test_a_missing_runtime_or_an_unloadable_file_is_a_note(tmp_path, monkeypatch
     (tmp_path / "fp32.onnx").write_bytes(b"not an onnx file")
     args = SimpleNamespace(deploy_runtimes=["onnxruntime", "openvino"], bench_batch_sizes=[1, 64], threads=1,
                            weight_bits=8)
-    forms, notes = cifar.deploy_forms(torch.nn.Identity(), tmp_path, args)
+    forms, notes = deploy.deploy_forms(torch.nn.Identity(), tmp_path, args)
     assert forms == []
     assert notes[0].startswith("onnxruntime_fp32: could not be loaded (")
     assert notes[1].startswith("onnxruntime_int8: could not be loaded (")  # int8.onnx does not exist
@@ -94,8 +94,8 @@ def test_a_missing_runtime_or_an_unloadable_file_is_a_note(tmp_path, monkeypatch
 def test_a_reference_of_one_class_is_a_note(monkeypatch):
     args = SimpleNamespace(deploy_runtimes=[], bench_batch_sizes=[1], threads=1, bench_warmup=0, bench_runs=1)
     images, labels = torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.arange(4)
-    monkeypatch.setattr(cifar, "deploy_forms", lambda *a: ([], []))
-    result = cifar.deploy(None, torch.tensor([0, 1, 2, 2]), torch.zeros(4, dtype=torch.long),
-                          {"test": (images, labels)}, None, args)
+    monkeypatch.setattr(deploy, "deploy_forms", lambda *a: ([], []))
+    result = deploy.run(None, torch.tensor([0, 1, 2, 2]), torch.zeros(4, dtype=torch.long),
+                        {"test": (images, labels)}, None, args)
     assert result["deploy_notes"] == ["the int8 reference predicts one class for every test image, so agreement "
                                       "checks nothing: train longer before choosing a form"]

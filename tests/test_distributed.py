@@ -12,17 +12,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import utils
+import data
+import training
 from conftest import ROOT, run_cli
 
 
 def test_the_shares_of_a_global_batch_are_the_single_process_batch():
     images = torch.randint(0, 256, (107, 32, 32, 3), dtype=torch.uint8)
     labels = torch.arange(107)
-    one = list(utils.Batches(images, labels, 24, 3, "cpu", padding=4, cutout=8))
+    one = list(data.Batches(images, labels, 24, 3, "cpu", padding=4, cutout=8))
     for world in (2, 3):
-        shares = [list(utils.Batches(images, labels, 24 // world, 3, "cpu", padding=4, cutout=8, rank=r,
-                                     world=world)) for r in range(world)]
+        shares = [list(data.Batches(images, labels, 24 // world, 3, "cpu", padding=4, cutout=8, rank=r,
+                                    world=world)) for r in range(world)]
         assert all(len(s) == len(one) for s in shares)  # 107 = 4 x 24 + 11: the last batch is kept
         for step, (x, y) in enumerate(one):
             assert torch.equal(torch.cat([s[step][0] for s in shares]), x)  # same images, same augmentation
@@ -31,10 +32,10 @@ def test_the_shares_of_a_global_batch_are_the_single_process_batch():
 
 def test_a_last_global_batch_too_small_for_two_images_per_process_is_dropped():
     images, labels = torch.zeros(51, 32, 32, 3, dtype=torch.uint8), torch.arange(51)
-    assert len(utils.Batches(images, labels, 25, 0, "cpu", rank=0, world=1)) == 3  # 1 image left: kept alone
-    assert len(utils.Batches(images, labels, 25, 0, "cpu", rank=0, world=2)) == 1  # 1 image for 2 processes
-    assert len(utils.Batches(torch.zeros(54, 32, 32, 3, dtype=torch.uint8), torch.arange(54), 25, 0, "cpu",
-                             rank=1, world=2)) == 2  # 4 images left: 2 per process
+    assert len(data.Batches(images, labels, 25, 0, "cpu", rank=0, world=1)) == 3  # 1 image left: kept alone
+    assert len(data.Batches(images, labels, 25, 0, "cpu", rank=0, world=2)) == 1  # 1 image for 2 processes
+    assert len(data.Batches(torch.zeros(54, 32, 32, 3, dtype=torch.uint8), torch.arange(54), 25, 0, "cpu",
+                            rank=1, world=2)) == 2  # 4 images left: 2 per process
 
 
 def loss_weights(x):
@@ -47,7 +48,7 @@ def sync_bn_worker(rank, world, init_file, x, result):
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3)
     torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
-    bn = utils.convert_sync_batchnorm(bn, torch.device("cpu"))
+    bn = training.convert_sync_batchnorm(bn, torch.device("cpu"))
     share = x.tensor_split(world)[rank].clone().requires_grad_()
     out = bn(share)
     (out * loss_weights(x).tensor_split(world)[rank]).sum().backward()
@@ -79,14 +80,14 @@ def test_cpu_sync_batchnorm_is_batchnorm_of_the_whole_batch():
 
 def qat_worker(rank, world, init_file, result):
     """Two QAT steps under DDP with observers on; the quantization parameters of every process, before and after
-    utils.broadcast_buffers."""
+    training.broadcast_buffers."""
     import models
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = models.create_model("resnet18")
     models.prepare_quantization(model, qat=True)
-    net = utils.distribute(model, torch.device("cpu"))
+    net = training.distribute(model, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(2):
         x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(10 * step + rank))  # own shares
@@ -95,7 +96,7 @@ def qat_worker(rank, world, init_file, result):
         optimizer.step()
     scales = lambda: {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("scale", "zero_point"))}
     before = scales()
-    utils.broadcast_buffers(model)
+    training.broadcast_buffers(model)
     weights = {k: v.detach().clone() for k, v in model.named_parameters()}
     result[rank] = dict(before=before, after=scales(), weights=weights)
     dist.destroy_process_group()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cifar
+import export
 import models
 import utils
 from conftest import ROOT, run_cli
@@ -26,16 +27,6 @@ def one_line_error(proc, code, *fragments):
 
 def no_temp_files(folder):
     return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
-
-
-def test_loss_guard():
-    guard = utils.LossGuard()
-    assert guard(2.5) and guard(20.0) and not guard(26.0)  # limit: 10 x max(ln 10, first loss 2.5)
-    assert not guard(float("nan")) and not guard(float("inf"))
-    assert not utils.LossGuard()(float("nan"))
-    low = utils.LossGuard()
-    low(0.4)  # a QAT stage starts low: the floor ln(10) keeps ordinary noise from tripping it
-    assert low(5.0) and not low(24.0)
 
 
 def test_diverging_float_training_writes_nothing(data_dir, tmp_path):
@@ -95,10 +86,10 @@ def test_a_failed_write_names_the_file_and_keeps_the_earlier_one(what, tmp_path,
     path.write_bytes(b"earlier good file")
     model = models.create_model("resnet18")
     obj = {"state_dict": lambda: model.state_dict(), "torchscript": lambda: models.to_torchscript(model),
-           "onnx": lambda: utils.export_onnx(model, "m.onnx")[0]}[what]()
+           "onnx": lambda: export.export_onnx(model, "m.onnx")[0]}[what]()
     monkeypatch.setattr(utils, "open", FullDisk, raising=False)  # the file atomic_write opens
     with pytest.raises(utils.WriteError, match=f"cannot write '{path}': No space left on device"):
-        (utils.save_onnx if what == "onnx" else utils.torch_save)(obj, path)
+        (export.save_onnx if what == "onnx" else utils.torch_save)(obj, path)
     assert path.read_bytes() == b"earlier good file" and [p.name for p in tmp_path.iterdir()] == ["artifact"]
 
 
@@ -152,8 +143,8 @@ def test_a_failing_third_party_step_is_one_line_naming_the_stage(stage, data_dir
 
 
 def test_deprecations_are_hidden_and_an_unrelated_warning_still_shows(data_dir, tmp_path):
-    code = ("import sys, warnings, cifar, utils; top1 = utils.top1;"
-            "utils.top1 = lambda *a: (warnings.warn('an unrelated warning'), top1(*a))[1];"
+    code = ("import sys, warnings, cifar, training; top1 = training.top1;"
+            "training.top1 = lambda *a: (warnings.warn('an unrelated warning'), top1(*a))[1];"
             "sys.exit(cifar.cli(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, *QUICK, "--data-dir", str(data_dir), "--out-dir",
                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)

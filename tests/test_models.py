@@ -8,12 +8,11 @@ import torch.ao.nn.intrinsic as nni
 import torch.ao.nn.intrinsic.qat as nniqat
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
-from torch.ao import quantization as tq
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+import data
 import models
-import utils
 
 ARCHS = list(models.ARCHS)
 
@@ -76,7 +75,7 @@ def test_fusion_preserves_float_outputs(name):
     fused.fuse_model(is_qat=False)
     assert any(isinstance(m, nni.ConvReLU2d) for m in fused.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-    x = utils.normalize(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8))
+    x = data.normalize(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8))
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
@@ -86,7 +85,7 @@ def test_fusion_preserves_float_outputs_on_real_images(real_images):
     model = models.create_model("resnet18").eval()
     fused = copy.deepcopy(model)
     fused.fuse_model(is_qat=False)
-    x = utils.normalize(real_images[0][:32])
+    x = data.normalize(real_images[0][:32])
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
@@ -211,54 +210,3 @@ def test_layer_sqnr_is_high_with_the_calibrated_scale_and_low_with_a_coarse_one(
     bad = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
     assert bad["layer2.0.conv1"] < 10 and bad["layer2.0.conv1"] < good["layer2.0.conv1"] - 15, (good, bad)
     assert all(abs(bad[n] - good[n]) < 1e-4 for n in list(good)[:list(good).index("layer2.0.conv1")])  # upstream
-
-
-@pytest.mark.parametrize("size, stride, dead", [(1, 1, True), (2, 2, True), (2, 1, False), (4, 1, False)])
-def test_cutting_dead_taps_keeps_outputs_and_gradients(size, stride, dead):
-    """A 3x3 conv (padding 1) on a 1x1 or 2x2 map: the cut kernel gives the plain conv's outputs and gradients."""
-    torch.manual_seed(0)
-    conv = nn.Conv2d(6, 5, 3, stride=stride, padding=1)
-    x = torch.randn(4, 6, size, size, requires_grad=True)
-    ref = conv(x)
-    ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
-    with utils.dead_taps_cut(conv, x[:1].detach()) as cut:
-        assert "_conv_forward" in conv.__dict__ if cut else "_conv_forward" not in conv.__dict__
-        out = conv(x)
-        grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
-    assert cut == ([""] if dead else [])  # stride 1 on a 2x2 map: every tap meets the input at some output
-    assert "_conv_forward" not in conv.__dict__  # the module is plain again after the block
-    torch.testing.assert_close(out, ref)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
-
-
-@pytest.mark.parametrize("name, cut", [("resnet18", ["layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1",
-                                                     "layer4.1.conv2"]), ("mobilenet_v2", [])])
-def test_dead_taps_are_cut_in_resnet18_layer4_only(name, cut):
-    model = models.create_model(name).train()
-    with utils.dead_taps_cut(model, torch.zeros(1, 3, 32, 32)) as found:
-        assert found == cut
-    assert model.training  # the map-size pass ran in eval mode and left the mode as it was
-
-
-def test_qat_convs_are_cut_too_with_the_same_outputs_and_gradients_and_no_state_moved():
-    """QAT's fused convs (ConvBn2d, ConvBnReLU2d) call the same _conv_forward: cut, they compute what the plain QAT
-    model computes; entering the block feeds no observer and no BN statistic (the map sizes come from a copy)."""
-    torch.manual_seed(0)
-    model = models.create_model("resnet18")
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # zero-initialised BN: no signal
-        nn.init.uniform_(bn.weight, 0.5, 1.5)
-    models.prepare_quantization(model, qat=True)
-    model.apply(tq.disable_fake_quant)  # rounding to the int8 grid would turn last-bit differences into steps
-    plain, before = copy.deepcopy(model), copy.deepcopy(model.state_dict())
-    x = torch.randn(4, 3, 32, 32)
-    with utils.dead_taps_cut(model, x[:1]) as cut:
-        assert cut == ["layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"]
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-        out = model(x)
-        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    ref = plain(x)
-    ref_grads = torch.autograd.grad(ref.square().sum(), list(plain.parameters()))
-    torch.testing.assert_close(out, ref)
-    for g, r in zip(grads, ref_grads):  # equal up to rounding, which 20 training-mode BN layers amplify elementwise
-        assert (g - r).norm() <= 1e-4 * r.norm()

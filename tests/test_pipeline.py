@@ -15,7 +15,11 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 
 import cifar
+import data
+import deploy
+import export
 import models
+import training
 import utils
 from conftest import SMOKE_BITS
 
@@ -68,7 +72,7 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
     forms = {f["name"]: f for f in r["deploy"]}
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     assert {f"torch_int8_{e}" for e in engines} | {"torch_fp32_eager", "onnxruntime_fp32", "onnxruntime_int8",
-                                                    "openvino_fp32", "openvino_int8"} <= set(forms)
+                                                   "openvino_fp32", "openvino_int8"} <= set(forms)
     # every runtime loaded (this barely trained MobileNetV2 may predict one class: that is the only note allowed)
     assert [n for n in r["deploy_notes"] if "predicts one class for every test image" not in n] == []
     for f in r["deploy"]:
@@ -136,7 +140,7 @@ def test_4bit_onnx_stores_int4_weights_and_runs_like_the_int8_file(smoke):
     assert r["agreement"]["int8_w4_onnx_vs_torch"] >= 0.95
     forms = {f["name"]: f for f in r["deploy"]}
     assert forms["onnxruntime_int8_w4"]["precision"] == "int8" and forms["onnxruntime_int8_w4"]["latency_ms"]
-    assert utils.pack_int4_weights(onnx.load(smoke["mobilenet_v2"][0] / "int8.onnx"))[1] == 0  # 8-bit weights
+    assert export.pack_int4_weights(onnx.load(smoke["mobilenet_v2"][0] / "int8.onnx"))[1] == 0  # 8-bit weights
 
 
 def readme_snippets():
@@ -157,7 +161,7 @@ def test_fp32_state_dict_loads_into_a_fresh_model(smoke, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_int8_torchscript_runs_without_project_code(smoke, model, real_images):
     out = smoke[model][0]
-    x = utils.normalize(real_images[0][:16])
+    x = data.normalize(real_images[0][:16])
     torch.save(x, out / "x.pt")
     # A fresh process starts on torch's default engine ("x86"), which on AVX512-VNNI CPUs rounds a few outputs
     # differently from models.ENGINE, the one the model was checked with: set it before loading, as the README says.
@@ -184,7 +188,7 @@ def test_reported_fake_quant_accuracy_is_the_saved_qat_models(smoke, model, cifa
     qat = models.create_model(model)
     models.prepare_quantization(qat, qat=True, weight_bits=SMOKE_BITS[model])
     qat.load_state_dict(torch.load(out / "qat.pt", weights_only=True))
-    assert r["accuracy"]["qat_fake_quant"] == pytest.approx(utils.accuracy(qat, cifar.load_data(args)["test"]))
+    assert r["accuracy"]["qat_fake_quant"] == pytest.approx(training.accuracy(qat, cifar.load_data(args)["test"]))
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -195,18 +199,18 @@ def fitted(request, cifar_dir, tmp_path_factory):
     MobileNetV2 (width 0.75) at 0.05: at 0.02 it fitted only 95 of the 100. Both without crops, so that they fit
     the very images they are compared on (with 4-pixel crops ResNet18 fitted 98, with ties for OpenVINO int8)."""
     model, out = request.param, tmp_path_factory.mktemp(f"fitted_{request.param}")
-    images, labels = utils.load_split(cifar_dir, train=True)
-    idx = utils.balanced_subset(labels, 100, seed=2)
-    data = {"train": (images[idx], labels[idx]), "test": (images[idx], labels[idx])}
+    images, labels = data.load_split(cifar_dir, train=True)
+    idx = data.balanced_subset(labels, 100, seed=2)
+    splits = {"train": (images[idx], labels[idx]), "test": (images[idx], labels[idx])}
     args = cifar.parse_args(["--model", model, "--epochs", "30", "--qat-epochs", "2", "--batch-size", "20",
                              "--weight-decay", "0", "--label-smoothing", "0",
                              "--crop-padding", "0", "--lr", "0.02" if model == "resnet18" else "0.05"])
-    fp32, history = cifar.train_float(args, data, torch.device("cpu"), out)
+    fp32, history = cifar.train_float(args, splits, torch.device("cpu"), out)
     assert history[-1]["test_acc"] >= 0.9, history[-1]  # its "test" images are the 100 it fitted: a broken loop fails
-    qat, _ = cifar.train_qat(fp32, history, data, args, torch.device("cpu"), out)
+    qat, _ = cifar.train_qat(fp32, history, splits, args, torch.device("cpu"), out)
     int8 = models.convert_int8(qat)
     for name, m in (("int8", int8), ("fp32", fp32)):
-        utils.save_onnx(utils.export_onnx(models.onnx_exportable(m), name)[0], out / f"{name}.onnx")
+        export.save_onnx(export.export_onnx(models.onnx_exportable(m), name)[0], out / f"{name}.onnx")
     int8_ts = models.to_torchscript(int8)
     utils.torch_save(int8_ts, out / "int8.pt")
     return dict(model=model, images=images[idx], labels=labels[idx], fp32=fp32.eval(), qat=qat.eval(),
@@ -214,8 +218,8 @@ def fitted(request, cifar_dir, tmp_path_factory):
 
 
 def fitted_forms(fitted):
-    args = SimpleNamespace(deploy_runtimes=list(cifar.RUNTIMES), bench_batch_sizes=[1, 64], threads=2, weight_bits=8)
-    forms, notes = cifar.deploy_forms(fitted["fp32"], fitted["out"], args)
+    args = SimpleNamespace(deploy_runtimes=list(deploy.RUNTIMES), bench_batch_sizes=[1, 64], threads=2, weight_bits=8)
+    forms, notes = deploy.deploy_forms(fitted["fp32"], fitted["out"], args)
     assert notes == []
     return forms
 
@@ -224,8 +228,9 @@ def test_every_form_predicts_the_classes_of_its_reference(fitted):
     """On images the model fitted (logits far from ties) every engine and runtime gives the reference's classes."""
     forms = fitted_forms(fitted)
     images = fitted["images"]
-    references = {"int8": utils.predict(fitted["int8_eager"], images), "fp32": utils.predict(fitted["fp32"], images)}
-    cifar.verify_forms(forms, {"test": (images, fitted["labels"])}, references)
+    references = {"int8": training.predict(fitted["int8_eager"], images),
+                  "fp32": training.predict(fitted["fp32"], images)}
+    deploy.verify_forms(forms, {"test": (images, fitted["labels"])}, references)
     for f in forms:
         print(f"{fitted['model']} {f['name']}: agreement {f['agreement']:.2f}, top-1 {f['top1']:.2f}")
     assert {f["name"] for f in forms if not f["verified"]} == set(), [(f["name"], f["note"]) for f in forms]
@@ -252,12 +257,12 @@ def test_readme_loading_code_predicts_what_the_deploy_stage_verified(fitted, run
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     pipeline = next(f for f in fitted_forms(fitted) if f["name"] == form)
     with torch.inference_mode():
-        expected = utils.predict_fixed_batch(pipeline["runs"][64], images, 64)
+        expected = deploy.predict_fixed_batch(pipeline["runs"][64], images, 64)
     assert torch.equal(torch.from_numpy(np.load(out / "preds.npy")), expected)
 
 
 def test_int8_agrees_with_the_fake_quant_model(fitted):
-    x = utils.normalize(fitted["images"])
+    x = data.normalize(fitted["images"])
     with torch.no_grad():
         fake, real = fitted["qat"](x), fitted["int8"](x)
     agreement = (fake.argmax(1) == real.argmax(1)).float().mean().item()
@@ -270,7 +275,7 @@ def test_onnx_runtime_agrees_with_pytorch(fitted):
     PyTorch's, and the predicted classes agree."""
     import onnxruntime as ort
     images, out = fitted["images"], fitted["out"]
-    x = utils.normalize(images).contiguous()
+    x = data.normalize(images).contiguous()
     graph = onnx.load(out / "int8.onnx")
     first_conv_q = [n.output[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"][1]
     graph.graph.output.append(onnx.helper.make_tensor_value_info(first_conv_q, onnx.TensorProto.UINT8, None))
@@ -283,13 +288,13 @@ def test_onnx_runtime_agrees_with_pytorch(fitted):
         torch_logits = fitted["int8_eager"](x)
     hook.remove()
     assert np.array_equal(seen[0], act.astype(int))  # int32-grid biases: the same integers, not just close ones
-    agreement = utils.top1(torch.from_numpy(logits).argmax(1), torch_logits.argmax(1))
+    agreement = training.top1(torch.from_numpy(logits).argmax(1), torch_logits.argmax(1))
     print(f"{fitted['model']}: ONNX Runtime int8 vs PyTorch int8 agreement {agreement:.3f}")
     # With float biases in PyTorch (or the exporter's truncated int32 ones) single rounding steps compounded
     # with depth and flipped 3-15% of the classes here; on the int32 grid both runtimes compute the same model.
     assert agreement >= 0.99
     fp32_x = x[:32]
-    session = utils.ort_session(out / "fp32.onnx", 2)
+    session = deploy.ort_session(out / "fp32.onnx", 2)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(session.run(None, {"input": fp32_x.numpy()})[0]),
                                    fitted["fp32"](fp32_x), rtol=1e-3, atol=1e-4)
@@ -303,7 +308,7 @@ def test_onnx_files_check_and_run_with_dynamic_batch(smoke, model, real_images):
         onnx.checker.check_model(onnx.load(out / f"{name}.onnx"), full_check=True)
         session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
         for batch in (1, 7):
-            x = utils.normalize(real_images[0][:batch]).contiguous().numpy()
+            x = data.normalize(real_images[0][:batch]).contiguous().numpy()
             assert session.run(None, {"input": x})[0].shape == (batch, 10)
 
 
@@ -326,7 +331,7 @@ def test_simplifier_failure_keeps_the_checked_graph(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated onnxsim crash")
     monkeypatch.setattr(onnxsim, "simplify", broken)
-    graph, info = utils.export_onnx(models.create_model("resnet18"), "m.onnx")
+    graph, info = export.export_onnx(models.create_model("resnet18"), "m.onnx")
     assert info["simplified"] is False and "simulated onnxsim crash" in info["note"]
     onnx.checker.check_model(graph)
 
@@ -334,28 +339,28 @@ def test_simplifier_failure_keeps_the_checked_graph(monkeypatch):
 def test_failed_export_keeps_an_earlier_good_file(tmp_path, monkeypatch, cifar_dir):
     """A failing exporter or ONNX Runtime verification ends the stage before anything is written."""
     out = tmp_path / "out"
-    images = utils.load_split(cifar_dir, train=False)
-    data = {"test": (images[0][:20], images[1][:20])}
+    images = data.load_split(cifar_dir, train=False)
+    splits = {"test": (images[0][:20], images[1][:20])}
     model = models.create_model("resnet18")
-    preds = utils.predict(model, data["test"][0])
-    cifar.export_and_verify_onnx({"fp32": (model, preds)}, data, out, 1)
+    preds = training.predict(model, splits["test"][0])
+    cifar.export_and_verify_onnx({"fp32": (model, preds)}, splits, out, 1)
     before = (out / "fp32.onnx").read_bytes()
-    for target in ("torch.onnx.export", "utils.ort_predict"):
+    for target in ("torch.onnx.export", "deploy.ort_predict"):
         with monkeypatch.context() as m:
             m.setattr(target, lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("simulated failure")))
             with pytest.raises(RuntimeError, match="simulated failure"):
-                cifar.export_and_verify_onnx({"fp32": (models.create_model("resnet18"), preds)}, data, out, 1)
+                cifar.export_and_verify_onnx({"fp32": (models.create_model("resnet18"), preds)}, splits, out, 1)
         assert (out / "fp32.onnx").read_bytes() == before and [p.name for p in out.iterdir()] == ["fp32.onnx"]
 
 
 def test_same_seed_same_weights_on_cpu(tmp_path):
-    data = {"train": (torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8), torch.arange(64) % 10),
-            "test": (torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8), torch.arange(20) % 10)}
+    splits = {"train": (torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8), torch.arange(64) % 10),
+              "test": (torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8), torch.arange(20) % 10)}
     args = cifar.parse_args(["--model", "resnet18", "--epochs", "1", "--batch-size", "16", "--seed", "5"])
-    a, _ = cifar.train_float(args, data, torch.device("cpu"), tmp_path)
-    b, _ = cifar.train_float(args, data, torch.device("cpu"), tmp_path)
+    a, _ = cifar.train_float(args, splits, torch.device("cpu"), tmp_path)
+    b, _ = cifar.train_float(args, splits, torch.device("cpu"), tmp_path)
     args.seed = 6
-    c, _ = cifar.train_float(args, data, torch.device("cpu"), tmp_path)
+    c, _ = cifar.train_float(args, splits, torch.device("cpu"), tmp_path)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)

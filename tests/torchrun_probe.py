@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cifar  # noqa: E402
 import utils  # noqa: E402
 
 probe = Path(os.environ["PROBE_DIR"])
@@ -24,6 +25,5 @@ def recorded(path, write):
 
 
 utils.atomic_write = recorded
-import cifar  # noqa: E402
 
 sys.exit(cifar.cli())
