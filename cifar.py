@@ -18,6 +18,7 @@ models.py, training.py, schedule.py (ETA, --time-budget), export.py (ONNX), depl
     torchrun --nproc-per-node 2 cifar.py ...   # float training and QAT on 2 processes (README: torchrun)
 """
 import argparse
+import contextlib
 import copy
 import os
 import signal
@@ -63,7 +64,8 @@ DEFAULTS = {
 
 
 # torchrun's environment; a plain run is one process.
-WORLD_SIZE, LOCAL_RANK = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+WORLD_SIZE, RANK = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
 LOCAL_WORLD_SIZE = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 TORCHRUN = "LOCAL_RANK" in os.environ
 
@@ -161,7 +163,7 @@ def parse_args(argv=None):
         args.qat_lr = args.lr / 100
     checks = [("--epochs", args.epochs >= 1 or args.time_budget is not None), ("--qat-epochs", args.qat_epochs >= 0),
               ("--qat-batches", args.qat_batches >= 0),
-              ("--batch-size", args.batch_size >= 1), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
+              ("--batch-size", args.batch_size >= 2), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
               ("--weight-decay", args.weight_decay >= 0), ("--momentum", 0 <= args.momentum < 1),
               ("--warmup-pct", 0 < args.warmup_pct < 1), ("--label-smoothing", 0 <= args.label_smoothing < 1),
               ("--crop-padding", 0 <= args.crop_padding <= 16), ("--cutout", 0 <= args.cutout <= 32),
@@ -173,7 +175,8 @@ def parse_args(argv=None):
               ("--qat-freeze-bn-after", args.qat_freeze_bn_after >= 0)]
     for flag, ok in checks:
         if not ok:
-            parser.error(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
+            why = " (batch norm trains on 2 images a batch at the least)" if flag == "--batch-size" else ""
+            parser.error(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}{why}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available here; use --device cpu or auto")
     if args.float_checkpoint and not Path(args.float_checkpoint).is_file():
@@ -183,7 +186,7 @@ def parse_args(argv=None):
 
 
 def check_out_dir(args):
-    """OUT_DIR/<model>, checked before any long work; created only when the first artifact is written."""
+    """OUT_DIR/<model>, checked before any long work; cli makes it when the run takes its lock."""
     out = Path(args.out_dir) / args.model
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
@@ -206,8 +209,16 @@ def load_data(args):
             images, labels = data[split]
             idx = balanced_subset(labels, n, args.seed)
             data[split] = images[idx], labels[idx]
+    n, least = len(data["train"][1]), 2 * WORLD_SIZE  # batch norm trains on 2 images a process at the least
+    if n < least:
+        raise utils.UserError(f"{n} training image{'s' * (n != 1)} cannot train: batch norm needs at least {least}"
+                              f"{' (2 per process)' * (WORLD_SIZE > 1)}; use --train-subset {least} or more")
     print(f"data: {args.data_dir} ({find_layout(args.data_dir)} layout), "
-          f"{len(data['train'][1])} train / {len(data['test'][1])} test images")
+          f"{n} train / {len(data['test'][1])} test images")
+    dropped = Batches(*data["train"], args.batch_size, args.seed, "cpu").dropped
+    if dropped:
+        print(f"note: {n} training images in batches of {args.batch_size * WORLD_SIZE} leave a last batch of "
+              f"{dropped}, too few for batch norm: it is left out of every epoch")
     return data
 
 
@@ -341,7 +352,7 @@ def setup_distributed(args):
                         sync_bn=args.sync_bn, lr=args.lr, qat_lr=args.qat_lr)
 
 
-def main(args):
+def main(args, out):
     """The pipeline, stage by stage; the stage names are the keys of report.json's "seconds".
 
     Under torchrun every process trains (float, QAT); rank 0 alone writes files and runs the later stages."""
@@ -350,7 +361,6 @@ def main(args):
     torch.backends.quantized.engine = models.ENGINE
     device, distributed = setup_distributed(args)
     main_process = utils.get_rank() == 0
-    out = check_out_dir(args)
     ckpt = training.load_checkpoint(args, out)
     stages = utils.Stages()
     report = dict(model=args.model, epochs=0 if args.float_checkpoint else args.epochs, qat_epochs=args.qat_epochs,
@@ -471,7 +481,11 @@ def cli(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, terminate)
     try:
-        main(args)
+        out = check_out_dir(args)
+        # one run per output folder: a second one would mix its checkpoints and files into this one's; under
+        # torchrun rank 0 holds it for the job (the other processes write nothing)
+        with utils.exclusive_folder(out) if RANK == 0 else contextlib.nullcontext():
+            main(args, out)
     except (utils.UserError, utils.RunError, KeyboardInterrupt) as e:
         # torchrun sends SIGTERM to the others when a process ends: let nothing interrupt this message
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -78,11 +78,50 @@ def _decode_folder(split_dir):
     return images, np.asarray(ds.targets, np.int64)
 
 
-def _folder_key(split_dir):
-    """Cache key: the folder's absolute path, file count and total size."""
-    files = [p for p in Path(split_dir).rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    return hashlib.sha1(f"{Path(split_dir).resolve()}|{len(files)}|{size}".encode()).hexdigest()[:16]
+def folder_listing(split_dir):
+    """What decides every image's pixels and label: each file's path under split_dir (class folder and name) with its
+    size, mtime and ctime in ns, sorted. Moving, renaming, adding, removing or rewriting a file changes it; a move or
+    an edit that keeps the old mtime still changes the ctime, which only the kernel sets. Returns (paths as bytes,
+    int64 (N, 3) stats): stat calls only, 0.4 s for CIFAR-10's 60,000 files (docs/experiments.md)."""
+    paths, stats = [], []
+    for root, dirs, files in os.walk(split_dir, followlinks=True):  # as ImageFolder, which follows links
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            paths.append(os.fsencode(os.path.relpath(path, split_dir)))
+            stats.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return np.array(paths, dtype=bytes), np.array(stats, np.int64).reshape(-1, 3)
+
+
+def listing_change(old, new):
+    """Why two folder listings differ, e.g. '2 added, 1 removed, 3 changed' (a moved file is removed + added)."""
+    before, after = ({p: tuple(s) for p, s in zip(paths.tolist(), stats.tolist())} for paths, stats in (old, new))
+    counts = {"added": len(after.keys() - before.keys()), "removed": len(before.keys() - after.keys()),
+              "changed": sum(before[p] != after[p] for p in before.keys() & after.keys())}
+    return ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "reordered"
+
+
+def read_cache(cache, split_dir, listing):
+    """(images, labels) from the decode cache file when it is complete and was made from this very listing; None,
+    with a one-line note saying why, when it is out of date or damaged (then the caller decodes again)."""
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache) as z:
+            cached = z["paths"], z["stats"]
+            if not all(np.array_equal(a, b) for a, b in zip(cached, listing)):
+                print(f"note: '{split_dir}' changed since it was decoded (files {listing_change(cached, listing)}): "
+                      f"decoding it again")
+                return None
+            images, labels = z["images"], z["labels"]
+        if not (images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3) and labels.dtype == np.int64
+                and labels.shape == (len(images),) and ((labels >= 0) & (labels < len(CLASSES))).all()):
+            raise ValueError("unexpected shapes or labels")
+    except Exception as e:  # cut short, garbage, another format: the images are still there to decode
+        print(f"note: the decode cache '{cache}' is damaged ({type(e).__name__}): decoding the images again")
+        return None
+    return images, labels
 
 
 def load_split(data_dir, train, cache_dir=DEFAULT_CACHE_DIR):
@@ -98,14 +137,18 @@ def load_split(data_dir, train, cache_dir=DEFAULT_CACHE_DIR):
         split_dir = data_dir / split
         if not split_dir.is_dir():
             raise utils.UserError(f"image folder '{data_dir}' has no '{split}/' split")
-        cache = Path(cache_dir) / f"{split}-{_folder_key(split_dir)}.npz"
-        if cache.exists():
-            with np.load(cache) as z:
-                images, labels = z["images"], z["labels"]
+        # One cache file per folder, named by its path and replaced when the folder changes; it holds the listing
+        # it was decoded from, so that a relabelled or edited folder is never served stale images or labels.
+        cache = Path(cache_dir) / f"{split}-{hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16]}.npz"
+        listing = folder_listing(split_dir)
+        cached = read_cache(cache, split_dir, listing)
+        if cached:
+            images, labels = cached
         else:
             images, labels = _decode_folder(split_dir)
             try:
-                utils.atomic_write(cache, lambda f: np.savez(f, images=images, labels=labels))
+                utils.atomic_write(cache, lambda f: np.savez(f, images=images, labels=labels, paths=listing[0],
+                                                             stats=listing[1]))
             except utils.WriteError as e:  # a read-only cache only costs time
                 print(f"warning: {e} (decode cache); the run goes on")
     if len(labels) == 0:
@@ -168,7 +211,8 @@ class Batches:
     padding, cutout: the random crop's padding and the Cutout square's side (augment).
     Under torchrun a step is one global batch of batch_size x world images, augmented whole on every process,
     of which each process takes its share: the images and their augmentation per step do not depend on the
-    number of processes. A last global batch too small to give every process 2 images (BatchNorm) is dropped.
+    number of processes. A last batch too small to give every process 2 images is left out of every epoch
+    (dropped: their number), since batch norm cannot train on one image per channel map of 1x1.
     """
 
     def __init__(self, images, labels, batch_size, seed, device, max_batches=0, padding=4, cutout=0,
@@ -180,10 +224,13 @@ class Batches:
         self.world = utils.get_world_size() if world is None else world
         self.epoch, self.data_seconds = 0, 0.0  # a resumed run sets epoch to the epochs already done
 
+    @property
+    def dropped(self):
+        rest = len(self.labels) % (self.batch_size * self.world)
+        return rest if rest < 2 * self.world else 0
+
     def __len__(self):
-        step, rest = self.batch_size * self.world, len(self.labels) % (self.batch_size * self.world)
-        smallest = 1 if self.world == 1 else 2 * self.world  # a last batch must give each process 2 images
-        n = len(self.labels) // step + (rest >= smallest)
+        n = -(-(len(self.labels) - self.dropped) // (self.batch_size * self.world))
         return min(n, self.max_batches) if self.max_batches else n
 
     def __iter__(self):

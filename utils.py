@@ -1,6 +1,7 @@
 """What every module shares: the errors the command line reports as one line, wall time per stage, atomic file
 writes and the process's rank under torchrun. Data, training, export, deploy and report have modules of their own."""
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -106,6 +107,68 @@ def torch_save(obj, path):
     buffer = io.BytesIO()
     (torch.jit.save if isinstance(obj, torch.jit.ScriptModule) else torch.save)(obj, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder):
+    """Hold an exclusive lock on folder (made when missing) for the block: one run per output folder.
+
+    flock on the folder itself, so that nothing is written into it, and the OS releases the lock when the process
+    ends, so that a killed run leaves none behind. Another holder is a UserError naming its process. Folders made
+    here are removed again when the block leaves them empty (a run that failed before writing anything)."""
+    folder = Path(folder)
+    while True:
+        made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise WriteError(f"cannot make '{folder}': {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise UserError(f"'{folder}' is in use by another run ({holder}); wait for it to end or choose another "
+                            f"--out-dir") from None
+        except OSError as e:  # a file system without flock (some network mounts): say so, and go on
+            print(f"warning: cannot lock '{folder}' ({e.strerror or e}): nothing stops a second run from writing "
+                  f"into it")
+            break
+        # a run that removed its empty folder between our open and flock leaves us a lock on a deleted inode
+        try:
+            if os.path.samestat(os.stat(folder), os.fstat(fd)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield folder
+    finally:
+        for p in made:  # still locked here, so no other run has written into them
+            try:
+                p.rmdir()
+            except OSError:  # not empty: the run wrote something
+                break
+        os.close(fd)
+
+
+def lock_holder(fd):
+    """'process PID (its command line)' holding a flock on the file fd is open on, read from /proc/locks."""
+    st = os.fstat(fd)
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+                continue  # a waiter, or another kind of lock
+            major, minor, inode = fields[5].split(":")
+            if (int(inode), int(major, 16), int(minor, 16)) == (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)):
+                pid = fields[4]
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"process {pid}: {' '.join(command.split())[:200]}"
+    except (OSError, ValueError):
+        pass
+    return "process unknown"
 
 
 # ---------------------------------------------------------------- torchrun

@@ -22,6 +22,7 @@ def assert_one_line_error(proc, *fragments):
     (["--epochs", "-1"], "--epochs"),
     (["--epochs", "0"], "--epochs"),  # an untrained model has zero residual BN weights: QAT divides by them
     (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "1"], "batch norm trains on 2 images a batch at the least"),
     (["--qat-epochs", "-2"], "--qat-epochs"),
     (["--qat-batches", "-1"], "--qat-batches"),
     (["--lr", "0"], "--lr"),
@@ -116,3 +117,9 @@ def test_a_time_budget_below_one_epoch_names_the_minimum(data_dir, tmp_path):
                    "--out-dir", tmp_path / "out", timeout=300)
     assert_one_line_error(proc, "--time-budget 0.05 is too small here", "minutes")
     assert not (tmp_path / "out").exists()
+
+
+def test_too_few_training_images_is_one_line_before_training(data_dir, tmp_path):
+    proc = run_cli("--train-subset", 1, "--data-dir", data_dir, "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, "1 training image cannot train", "use --train-subset 2 or more")
+    assert proc.stdout == "" and not (tmp_path / "out").exists()

@@ -1,4 +1,8 @@
 """Data: both layouts, labels, cache, errors, subsets, batched augmentation."""
+import os
+import time
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -36,20 +40,84 @@ def test_official_layout_labels(official, tmp_path):
     assert len(train[1]) == 150
 
 
-def test_decode_cache_is_used(tiny_folder, tmp_path):
+def test_decode_cache_is_used_and_replaced_when_the_folder_changes(tiny_folder, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     first = data.load_split(tiny_folder, train=True, cache_dir=cache)
-    files = list(cache.glob("train-*.npz"))
-    assert len(files) == 1
-    # Prove the second load reads the cache: break the source image files, the cache still answers.
-    for p in (tiny_folder / "train").rglob("*.png"):
-        p.write_bytes(p.read_bytes())  # same size and count: same key
-    second = data.load_split(tiny_folder, train=True, cache_dir=cache)
+    assert len(list(cache.glob("train-*.npz"))) == 1
+    with monkeypatch.context() as m:  # the second load must come from the cache
+        m.setattr(data, "_decode_folder", lambda split_dir: pytest.fail("decoded although the cache is current"))
+        second = data.load_split(tiny_folder, train=True, cache_dir=cache)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    # A changed folder (one file more) gets a new key, not the stale cache.
     Image.fromarray(class_image(0, 99)).save(tiny_folder / "train" / "airplane" / "extra.png")
+    capsys.readouterr()
     third = data.load_split(tiny_folder, train=True, cache_dir=cache)
     assert len(third[1]) == len(first[1]) + 1
+    assert "changed since it was decoded (files 1 added)" in capsys.readouterr().out
+    assert len(list(cache.glob("train-*.npz"))) == 1  # the folder's entry is replaced, the cache does not grow
+
+
+def swap_folders(root, a="cat", b="dog"):
+    """Relabel by renames, as a user fixing labels would: every file keeps its name, size and mtime."""
+    da, db, tmp = root / "train" / a, root / "train" / b, root / "swap"
+    da.rename(tmp)
+    db.rename(da)
+    tmp.rename(db)
+
+
+def move_one(root):
+    (root / "train" / "cat" / "0000.bmp").rename(root / "train" / "dog" / "moved.bmp")
+
+
+def edit_one(root):
+    """New pixels in one file of the same size, with its old mtime put back (as a tool that keeps it would)."""
+    path = root / "train" / "cat" / "0001.bmp"
+    before = path.stat()
+    Image.fromarray(class_image(9, 1)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+@pytest.mark.parametrize("change", [swap_folders, move_one, edit_one])
+def test_a_relabelled_or_edited_folder_is_decoded_again(change, tmp_path, capsys):
+    root = write_folder(tmp_path / "cifar", per_class=3, fmt="bmp")  # BMP: every file has the same size
+    cache = tmp_path / "cache"
+    first = data.load_split(root, train=True, cache_dir=cache)
+    time.sleep(0.02)  # file times tick with the kernel's coarse clock: let the change get a later one
+    change(root)
+    capsys.readouterr()
+    after = data.load_split(root, train=True, cache_dir=cache)
+    assert "changed since it was decoded" in capsys.readouterr().out
+    fresh = data.load_split(root, train=True, cache_dir=tmp_path / "fresh")  # what the folder now holds
+    assert torch.equal(after[0], fresh[0]) and torch.equal(after[1], fresh[1])
+    assert not (torch.equal(after[0], first[0]) and torch.equal(after[1], first[1]))
+    assert torch.equal(data.load_split(root, train=True, cache_dir=cache)[1], fresh[1])  # the new entry serves
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other arrays"])
+def test_a_damaged_cache_is_decoded_again_and_rewritten(damage, tiny_folder, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    first = data.load_split(tiny_folder, train=True, cache_dir=cache)
+    (file,) = cache.glob("train-*.npz")
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+    elif damage == "garbage":
+        file.write_bytes(os.urandom(4096))
+    else:  # a complete zip of the wrong content: the listing matches, the images do not
+        with np.load(file) as z:
+            np.savez(file, images=z["images"][:3], labels=z["labels"], paths=z["paths"], stats=z["stats"])
+    capsys.readouterr()
+    healed = data.load_split(tiny_folder, train=True, cache_dir=cache)
+    assert f"the decode cache '{file}' is damaged" in capsys.readouterr().out
+    assert torch.equal(healed[0], first[0]) and torch.equal(healed[1], first[1])
+    with monkeypatch.context() as m:  # rewritten whole: the next load reads it
+        m.setattr(data, "_decode_folder", lambda split_dir: pytest.fail("the cache was not rewritten"))
+        assert torch.equal(data.load_split(tiny_folder, train=True, cache_dir=cache)[1], first[1])
+
+
+def test_folder_listing_costs_stat_calls_only(tiny_folder):
+    paths, stats = data.folder_listing(tiny_folder / "train")
+    assert len(paths) == len(stats) == 30 and paths[0] == b"airplane/0000.png" and stats.shape == (30, 3)
+    assert (stats[:, 0] == [(tiny_folder / "train" / p.decode()).stat().st_size for p in paths]).all()
 
 
 def test_missing_and_extra_class(tmp_path):
@@ -129,6 +197,14 @@ def test_batches_cover_the_epoch_and_repeat_with_the_seed():
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in c]))
     assert a[0][0].dtype == torch.float32 and a[0][0].shape == (16, 3, 32, 32)
+
+
+@pytest.mark.parametrize("n, sizes", [(65, [64]), (66, [64, 2])])
+def test_a_last_batch_of_one_image_is_left_out(n, sizes):
+    """Batch norm cannot train on one image where a map is 1x1 (ResNet18's layer4): such a batch is dropped."""
+    batches = data.Batches(torch.zeros(n, 32, 32, 3, dtype=torch.uint8), torch.arange(n) % 10, 64, 0, "cpu")
+    assert [len(y) for _, y in batches] == sizes and len(batches) == len(sizes)
+    assert batches.dropped == n - sum(sizes)
 
 
 def test_max_batches_ends_each_epoch_early_on_a_fresh_part_of_the_data():

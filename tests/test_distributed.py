@@ -32,7 +32,7 @@ def test_the_shares_of_a_global_batch_are_the_single_process_batch():
 
 def test_a_last_global_batch_too_small_for_two_images_per_process_is_dropped():
     images, labels = torch.zeros(51, 32, 32, 3, dtype=torch.uint8), torch.arange(51)
-    assert len(data.Batches(images, labels, 25, 0, "cpu", rank=0, world=1)) == 3  # 1 image left: kept alone
+    assert len(data.Batches(images, labels, 25, 0, "cpu", rank=0, world=1)) == 2  # 1 image left: dropped too
     assert len(data.Batches(images, labels, 25, 0, "cpu", rank=0, world=2)) == 1  # 1 image for 2 processes
     assert len(data.Batches(torch.zeros(54, 32, 32, 3, dtype=torch.uint8), torch.arange(54), 25, 0, "cpu",
                             rank=1, world=2)) == 2  # 4 images left: 2 per process

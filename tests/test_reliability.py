@@ -1,6 +1,7 @@
 """Crash and Ctrl-C recovery, stage reuse, atomic files, safe loading, clear errors that change nothing."""
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(data_dir, finished, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "resnet18" / "fp32.pt").exists()
+    with utils.exclusive_folder(tmp_path / "resnet18"):  # the OS released the killed run's lock
+        pass
     resumed = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "fp32 epoch 1/3" not in resumed.stdout
@@ -157,3 +160,31 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(utils.WriteError, match="cannot write '.*report.json': No space left on device"):
         utils.atomic_write(path, half_then_fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_second_run_on_a_busy_folder_is_one_line_and_the_first_completes(data_dir, tmp_path):
+    first = start(data_dir, tmp_path)
+    wait_for_epoch(first, tmp_path, 1)
+    second = run_cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"error: '{tmp_path / 'resnet18'}' is in use by another run (process {first.pid}: " in second.stderr
+    assert second.stdout == ""  # it ended before reading anything
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    written = {p.name for p in (tmp_path / "resnet18").iterdir()}
+    assert {"fp32.pt", "qat.pt", "int8.pt", "int8.onnx", "report.json"} <= written
+
+
+def test_exclusive_folder_names_its_holder_and_removes_what_it_made_empty(tmp_path):
+    folder = tmp_path / "out" / "resnet18"
+    with utils.exclusive_folder(folder):
+        busy = f"'{folder}' is in use by another run (process {os.getpid()}: "
+        with pytest.raises(utils.UserError, match=re.escape(busy)):
+            with utils.exclusive_folder(folder):
+                pass
+        with utils.exclusive_folder(tmp_path / "out" / "mobilenet_v2"):  # another model's folder is free
+            pass
+    assert not (tmp_path / "out").exists()  # made for a run that wrote nothing: removed
+    with utils.exclusive_folder(folder):
+        (folder / "fp32.pt").write_text("written")
+    assert (folder / "fp32.pt").read_text() == "written"  # a folder the run wrote into stays

@@ -1,11 +1,13 @@
 """Training pieces: the loss guard and the dead-tap cut (same outputs and gradients, in float and QAT models)."""
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 from torch.ao import quantization as tq
 
+import cifar
 import models
 import training
 
@@ -69,3 +71,14 @@ def test_qat_convs_are_cut_too_with_the_same_outputs_and_gradients_and_no_state_
     torch.testing.assert_close(out, ref)
     for g, r in zip(grads, ref_grads):  # equal up to rounding, which 20 training-mode BN layers amplify elementwise
         assert (g - r).norm() <= 1e-4 * r.norm()
+
+
+def test_a_last_batch_of_one_image_trains_and_is_said_once(data_dir, tmp_path, capsys):
+    """65 images in batches of 64: the lone last image is left out (ResNet18's 1x1 maps cannot batch-normalise it)."""
+    args = cifar.parse_args(["--model", "resnet18", "--epochs", "1", "--qat-epochs", "1", "--batch-size", "64",
+                             "--train-subset", "65", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path)])
+    splits = cifar.load_data(args)
+    fp32, history = cifar.train_float(args, splits, torch.device("cpu"), tmp_path)
+    _, qat_history = cifar.train_qat(fp32, history, splits, args, torch.device("cpu"), tmp_path)
+    assert capsys.readouterr().out.count("leave a last batch of 1, too few for batch norm") == 1
+    assert len(history) == len(qat_history) == 1 and all(math.isfinite(h["loss"]) for h in history + qat_history)
