@@ -38,7 +38,7 @@ import schedule
 import training
 import utils
 from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, find_layout, load_cifar10, normalize
-from report import deploy_table, environment, recommendation_lines, save_report, summary
+from report import cpu_has_vnni, deploy_table, environment, recommendation_lines, save_report, summary
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
 
@@ -135,6 +135,10 @@ def get_args_parser():
     g.add_argument("--weight-bits", type=int, default=8, choices=[8, 6, 4],
                    help="QAT and PTQ weights on a 2^bits-level per-channel grid, stored and run as int8; "
                         "activations stay 8-bit")
+    g.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                   help="fbgemm's 7-bit activation range (QAT and PTQ): needed where the CPU lacks VNNI (u8 x s8 "
+                        "products summed in int16 would overflow); auto: on there, off on VNNI CPUs, which then "
+                        "get all 8 bits")
     g.add_argument("--ptq-batches", type=int, default=32, help="training batches used to calibrate PTQ")
     g.add_argument("--no-ptq", action="store_true", help="skip the post-training quantization baseline")
     g = p.add_argument_group("deploy: every form verified and timed")
@@ -161,6 +165,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.qat_lr is None:
         args.qat_lr = args.lr / 100
+    args.reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and cpu_has_vnni() is not True)
     checks = [("--epochs", args.epochs >= 1 or args.time_budget is not None), ("--qat-epochs", args.qat_epochs >= 0),
               ("--qat-batches", args.qat_batches >= 0),
               ("--batch-size", args.batch_size >= 2), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
@@ -264,7 +269,7 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, cloc
     """
     model = models.create_model(args.model)
     model.load_state_dict(fp32_model.state_dict())
-    models.prepare_quantization(model, qat=True, weight_bits=args.weight_bits)
+    models.prepare_quantization(model, qat=True, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -289,7 +294,7 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, cloc
 def calibrate_ptq(fp32_model, data, args):
     """Post-training quantization baseline: eval-mode fusion, observers fed un-augmented training batches."""
     model = copy.deepcopy(fp32_model).cpu()
-    models.prepare_quantization(model, qat=False, weight_bits=args.weight_bits)
+    models.prepare_quantization(model, qat=False, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
     images = data["train"][0]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
@@ -378,6 +383,9 @@ def main(args, out):
     with stages("data"):  # 1. data
         data = load_data(args)
         test_images, test_labels = data["test"]
+    if not args.reduce_range:
+        print("note: int8 activations use all 8 bits on this CPU (VNNI): the int8 files are for CPUs with VNNI; "
+              "--reduce-range on makes files for any x86 CPU")
     print(f"note: eager-mode quantization and TorchScript are deprecated in torch {torch.__version__.split('+')[0]}; "
           "this pipeline pins that release and hides their deprecation warnings (README: Deprecations and pinning)")
 

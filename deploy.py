@@ -78,6 +78,37 @@ def openvino_parallel_runner(compiled, parts):
     return run
 
 
+def int8_layer_diffs(path, x, threads):
+    """Where OpenVINO's integers depart from ONNX Runtime's (which equal PyTorch int8's) on one int8 ONNX file: for
+    every activation QuantizeLinear -> DequantizeLinear pair, in graph order, the share of elements whose integer
+    differs and the largest difference in steps, both runtimes given the batch x. [{tensor, differ, max_steps}]"""
+    import onnx
+    import openvino as ov
+    from onnx import numpy_helper
+    graph = onnx.load(str(path))
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node
+                 if n.op_type == "Constant"}
+    constants.update({t.name: numpy_helper.to_array(t) for t in graph.graph.initializer})
+    made_by = {out: n for n in graph.graph.node for out in n.output}
+    pairs = [(n.output[0], float(constants[n.input[1]])) for n in graph.graph.node if n.op_type == "DequantizeLinear"
+             and getattr(made_by.get(n.input[0]), "op_type", None) == "QuantizeLinear"]
+    graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name, _ in pairs)
+    session = ort_session(graph, threads)
+    reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x})))
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape(list(x.shape))
+    model.add_outputs([name for name, _ in pairs])
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads})
+    result = compiled(x)
+    got = {name: result[o] for o in compiled.outputs for name in o.get_names()}
+    rows = []
+    for name, scale in pairs:
+        steps = np.abs(np.round(got[name] / scale) - np.round(reference[name] / scale))
+        rows.append(dict(tensor=name, differ=float((steps > 0).mean()), max_steps=int(steps.max())))
+    return rows
+
+
 # ---------------------------------------------------------------- forms
 
 def fp32_candidates(fp32_model):
@@ -96,9 +127,18 @@ def fp32_candidates(fp32_model):
                 "eager_channels_last": to_nhwc(nhwc)}
 
 
-def on_engine(module, engine):
+def on_engine(module, engine, threads):
     def run(x):
         torch.backends.quantized.engine = engine  # some quantized ops (add, pooling) read it when they run
+        return on_threads(module, threads)(x)
+    return run
+
+
+def on_threads(module, threads):
+    """module(x) on `threads` of torch's one process-wide pool, set when the form before used another count."""
+    def run(x):
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         return module(x)
     return run
 
@@ -118,7 +158,7 @@ def deploy_forms(fp32_model, out, args):
             return
         if runs:  # a throughput form exists only where a batch splits into its streams
             forms.append(dict(name=name, runtime=runtime, engine=engine, settings=settings, precision=precision,
-                              runs=runs))
+                              threads=settings["threads"], runs=runs))
 
     def installed(runtime, package):
         try:
@@ -128,55 +168,60 @@ def deploy_forms(fp32_model, out, args):
             notes.append(f"{runtime} is not installed (pip install -r requirements.txt): its forms are not timed")
             return False
 
-    threads = dict(threads=args.threads)
     # int8_w4.onnx (--weight-bits 4) is int8.onnx with 4-bit-stored weights: timed too, since the runtimes run
     # it differently (docs/experiments.md)
     onnx_files = ["fp32", "int8"] + (["int8_w4"] if args.weight_bits == 4 else [])
-    if "torch" in args.deploy_runtimes:
-        # One loaded copy per batch size, as a server of one batch size has: oneDNN's int8 kernels ran batch 1
-        # 3x slower in a copy that had run batch 64 first (docs/experiments.md).
-        for engine in [e for e in torch.backends.quantized.supported_engines if e != "none"]:
-            def load(engine=engine):  # TorchScript re-packs the int8 weights for the engine set when it loads
-                torch.backends.quantized.engine = engine
-                return {b: on_engine(torch.jit.load(out / "int8.pt"), engine) for b in sizes}, threads
-            add(f"torch_int8_{engine}", "torch", "int8", load, engine=engine)
-        torch.backends.quantized.engine = models.ENGINE
-        copies = {b: {"eager": copy.deepcopy(fp32_model).eval(), **fp32_candidates(fp32_model)} for b in sizes}
-        for form in copies[sizes[0]]:
-            add(f"torch_fp32_{form}", "torch", "fp32",
-                lambda form=form: ({b: copies[b][form] for b in sizes}, dict(threads, form=form)))
-    if "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime"):
-        for file in onnx_files:
-            def load(file=file):
-                session = ort_session(out / f"{file}.onnx", args.threads)
-                run = lambda x: session.run(None, {"input": x.numpy()})[0]
-                return {b: run for b in sizes}, dict(threads, graph_optimization="all")
-            add(f"onnxruntime_{file}", "onnxruntime", file.split("_")[0], load)
+    ov_variants = []
     if "openvino" in args.deploy_runtimes and installed("openvino", "openvino"):
         import openvino as ov
-        variants = [("fp32", "fp32.onnx", "f32"), ("int8", "int8.onnx", None)]
+        ov_variants = [("fp32", "fp32.onnx", "f32"), ("int8", "int8.onnx", None)]
         if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # OpenVINO's default there
-            variants.append(("bf16", "fp32.onnx", "bf16"))
+            ov_variants.append(("bf16", "fp32.onnx", "bf16"))
         if "int8_w4" in onnx_files:
-            variants.append(("int8_w4", "int8_w4.onnx", None))
-        for precision, file, hint_precision in variants:
-            def latency(file=file, hint_precision=hint_precision):
-                compiled = {b: openvino_compile(out / file, args.threads, b, "LATENCY", hint_precision)
-                            for b in sizes}
+            ov_variants.append(("int8_w4", "int8_w4.onnx", None))
+    with_ort = "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime")
+    # Every form runs with --threads threads and, named *_1thread, with one: a server of single requests runs one
+    # instance per core, and int8 at batch 1 gains little from a second thread where fp32 does (issue's probe).
+    for n in sorted({args.threads, 1}, reverse=True):
+        suffix, threads = ("" if n == args.threads else "_1thread"), dict(threads=n)
+        if "torch" in args.deploy_runtimes:
+            # One loaded copy per batch size, as a server of one batch size has: oneDNN's int8 kernels ran batch 1
+            # 3x slower in a copy that had run batch 64 first (docs/experiments.md).
+            for engine in [e for e in torch.backends.quantized.supported_engines if e != "none"]:
+                def load(engine=engine, n=n):  # TorchScript re-packs the int8 weights for the engine set at load
+                    torch.backends.quantized.engine = engine
+                    return {b: on_engine(torch.jit.load(out / "int8.pt"), engine, n) for b in sizes}, threads
+                add(f"torch_int8_{engine}{suffix}", "torch", "int8", load, engine=engine)
+            torch.backends.quantized.engine = models.ENGINE
+            copies = {b: {"eager": copy.deepcopy(fp32_model).eval(), **fp32_candidates(fp32_model)} for b in sizes}
+            for form in copies[sizes[0]]:
+                add(f"torch_fp32_{form}{suffix}", "torch", "fp32", lambda form=form, n=n, threads=threads: (
+                    {b: on_threads(copies[b][form], n) for b in sizes}, dict(threads, form=form)))
+        if with_ort:
+            for file in onnx_files:
+                def load(file=file, n=n, threads=threads):
+                    session = ort_session(out / f"{file}.onnx", n)
+                    run = lambda x: session.run(None, {"input": x.numpy()})[0]
+                    return {b: run for b in sizes}, dict(threads, graph_optimization="all")
+                add(f"onnxruntime_{file}{suffix}", "onnxruntime", file.split("_")[0], load)
+        for precision, file, hint_precision in ov_variants:
+            def latency(file=file, hint_precision=hint_precision, n=n):
+                compiled = {b: openvino_compile(out / file, n, b, "LATENCY", hint_precision) for b in sizes}
                 return {b: openvino_runner(c) for b, (c, _) in compiled.items()}, compiled[sizes[0]][1]
-            add(f"openvino_{precision}", "openvino", precision.split("_")[0], latency)
-        for precision, file, hint_precision in variants[:2]:
-            # the throughput hint splits the CPU into streams: a batch is cut into one request per stream
-            def throughput(file=file, hint_precision=hint_precision):
-                _, probe = openvino_compile(out / file, args.threads, 1, "THROUGHPUT", hint_precision)
-                n = probe["streams"]
-                fit = [b for b in sizes if n > 1 and b % n == 0]
-                if max(sizes) not in fit:  # verification runs at the largest batch size
-                    return {}, probe
-                runs = {b: openvino_parallel_runner(openvino_compile(
-                    out / file, args.threads, b // n, "THROUGHPUT", hint_precision)[0], n) for b in fit}
-                return runs, dict(probe, requests_per_batch=n)
-            add(f"openvino_{precision}_throughput", "openvino", precision, throughput)
+            add(f"openvino_{precision}{suffix}", "openvino", precision.split("_")[0], latency)
+    for precision, file, hint_precision in ov_variants[:2]:
+        # the throughput hint splits the CPU into streams: a batch is cut into one request per stream
+        def throughput(file=file, hint_precision=hint_precision):
+            _, probe = openvino_compile(out / file, args.threads, 1, "THROUGHPUT", hint_precision)
+            n = probe["streams"]
+            fit = [b for b in sizes if n > 1 and b % n == 0]
+            if max(sizes) not in fit:  # verification runs at the largest batch size
+                return {}, probe
+            runs = {b: openvino_parallel_runner(openvino_compile(
+                out / file, args.threads, b // n, "THROUGHPUT", hint_precision)[0], n) for b in fit}
+            return runs, dict(probe, requests_per_batch=n)
+        add(f"openvino_{precision}_throughput", "openvino", precision, throughput)
+    torch.set_num_threads(args.threads)
     return forms, notes
 
 
@@ -259,7 +304,8 @@ def time_interleaved(fns, warmup, runs, rounds=5, settle_s=0.0):
 
 
 def time_forms(forms, args):
-    """Latency (median, p90 in ms) of every form at each batch size, all forms interleaved in this process."""
+    """Latency (median, p90 in ms) of every form at each batch size, all forms interleaved in this process, and the
+    images per second per core that median gives (batch / latency / threads)."""
     with torch.inference_mode():
         for b in args.bench_batch_sizes:
             x = torch.randn(b, 3, 32, 32)
@@ -268,25 +314,31 @@ def time_forms(forms, args):
                                      args.bench_warmup, args.bench_runs, BENCH_ROUNDS, BENCH_SETTLE_S)
             for f in ran:
                 f.setdefault("latency_ms", {})[str(b)] = times[f["name"]]
+                f.setdefault("images_per_s_per_core", {})[str(b)] = b * 1000 / times[f["name"]]["median"] / f["threads"]
     torch.backends.quantized.engine = models.ENGINE
+    torch.set_num_threads(args.threads)
 
 
 # ---------------------------------------------------------------- recommendation
 
-def recommend(deploy, batch_sizes):
-    """The fastest *verified* form of each precision at each batch size, and the best int8 against the best fp32.
+def recommend(deploy, batch_sizes, per_core=False):
+    """The best *verified* form of each precision at each batch size, and the best int8 against the best fp32: the
+    fastest (latency), or per_core the most images per second per core (serving: one instance per `threads` cores).
 
-    deploy: report["deploy"] rows. Returns ({batch: {precision: name}}, {batch: fp32 median / int8 median})."""
+    deploy: report["deploy"] rows. Returns ({batch: {precision: name}}, {batch: fp32 cost / int8 cost}), the cost
+    being the median latency, per_core the core-milliseconds per image."""
+    def cost(f, b):
+        return f["latency_ms"][b]["median"] * (f["threads"] / int(b) if per_core else 1)
     recommended, ratio = {}, {}
     for b in map(str, batch_sizes):
         best = {}
         for precision in ("int8", "fp32"):
             ok = [f for f in deploy if f["precision"] == precision and f["verified"] and b in f["latency_ms"]]
             if ok:
-                best[precision] = min(ok, key=lambda f: f["latency_ms"][b]["median"])
+                best[precision] = min(ok, key=lambda f: cost(f, b))
         recommended[b] = {p: f["name"] for p, f in best.items()}
         if len(best) == 2:
-            ratio[b] = best["fp32"]["latency_ms"][b]["median"] / best["int8"]["latency_ms"][b]["median"]
+            ratio[b] = cost(best["fp32"], b) / cost(best["int8"], b)
     return recommended, ratio
 
 
@@ -306,8 +358,10 @@ def run(fp32_model, fp32_preds, int8_preds, data, out, args):
             print(f"note: {notes[-1]}")
     verify_forms(forms, data, references)
     time_forms(forms, args)
-    rows = [dict({k: v for k, v in f.items() if k != "runs"}, latency_ms=f.get("latency_ms", {})) for f in forms]
+    rows = [dict({k: v for k, v in f.items() if k != "runs"}, latency_ms=f.get("latency_ms", {}),
+                 images_per_s_per_core=f.get("images_per_s_per_core", {})) for f in forms]
     recommended, best = recommend(rows, args.bench_batch_sizes)
+    per_core, best_per_core = recommend(rows, args.bench_batch_sizes, per_core=True)
     median = {f["name"]: {b: v["median"] for b, v in f["latency_ms"].items()} for f in rows}
 
     def ratio(slow, fast):  # the fastest of the forms `slow` against the form `fast`, per batch size
@@ -315,9 +369,11 @@ def run(fp32_model, fp32_preds, int8_preds, data, out, args):
         return ({b: min(median[n][b] for n in slow) / m for b, m in median[fast].items()}
                 if slow and fast in median else None)
     # the earlier headline: int8 against the fastest plain-PyTorch fp32 form other than eager NCHW
-    compiled = [n for n in median if n.startswith("torch_fp32_") and n != "torch_fp32_eager"]
+    compiled = [n for n in median if n.startswith("torch_fp32_") and n != "torch_fp32_eager"
+                and not n.endswith("_1thread")]
     int8 = f"torch_int8_{models.ENGINE}"
-    speedup = dict(best_int8_vs_best_fp32=best, int8_vs_fp32=ratio(compiled, int8),
+    speedup = dict(best_int8_vs_best_fp32=best, per_core_best_int8_vs_best_fp32=best_per_core,
+                   int8_vs_fp32=ratio(compiled, int8),
                    int8_vs_fp32_eager=ratio(["torch_fp32_eager"], int8),
                    int8_onnx_vs_fp32_onnx=ratio(["onnxruntime_fp32"], "onnxruntime_int8"))
     settings = dict(threads=args.threads, warmup=args.bench_warmup, runs=args.bench_runs, rounds=BENCH_ROUNDS,
@@ -326,5 +382,6 @@ def run(fp32_model, fp32_preds, int8_preds, data, out, args):
                     top1_tolerance=TOP1_TOLERANCE,
                     references={"int8": f"torch int8 ({models.ENGINE}, the converted model)",
                                 "fp32": "torch fp32 eager", "bf16": "torch fp32 eager"})
-    return dict(deploy=rows, recommended=recommended, speedup={k: v for k, v in speedup.items() if v is not None},
-                deploy_settings=settings, deploy_notes=notes)
+    return dict(deploy=rows, recommended=recommended, recommended_per_core=per_core,
+                speedup={k: v for k, v in speedup.items() if v is not None}, deploy_settings=settings,
+                deploy_notes=notes)

@@ -73,7 +73,8 @@ def report_markdown(r):
     acc, sizes = r["accuracy"], [str(b) for b in r["args"]["bench_batch_sizes"]]
     lines = [f"# {r['model']} on CIFAR-10: float, QAT int8, ONNX", "",
              f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs of {r['args']['qat_batches'] or 'all'} "
-             f"batches on {r['device']}, {r.get('weight_bits', 8)}-bit weights; "
+             f"batches on {r['device']}, {r.get('weight_bits', 8)}-bit weights, "
+             f"{7 if r['args'].get('reduce_range', True) else 8}-bit activations; "
              f"torch {r['environment']['torch']}, {r['environment']['threads']} threads, "
              f"{r['environment']['cpu']}", "",
              "| model | top-1 | file (bytes) |", "|---|---|---|"]
@@ -100,7 +101,8 @@ def report_markdown(r):
     if r.get("deploy"):
         ds = r["deploy_settings"]
         lines += ["", f"Deployment matrix: latency in ms per batch, median (p90) of {ds['runs']} calls in "
-                  f"{ds['rounds']} interleaved rounds after {ds['warmup']} warm-up calls, {ds['threads']} threads; "
+                  f"{ds['rounds']} interleaved rounds after {ds['warmup']} warm-up calls, each form on {ds['threads']} "
+                  f"threads and (*_1thread) on 1; images per second per core = batch / median / threads; "
                   f"top-1 and agreement (same class as the reference: int8 {ds['references']['int8']}, otherwise "
                   f"{ds['references']['fp32']}) on {ds['images']} test images", ""]
         lines += markdown_table(deploy_rows(r, p90=True))
@@ -121,9 +123,13 @@ def deploy_rows(r, p90=False):
     """The deployment matrix as rows of strings, header first."""
     sizes = [str(b) for b in r["args"]["bench_batch_sizes"]]
     ms = lambda v: "-" if v is None else f"{v['median']:.3f}" + (f" ({v['p90']:.3f})" if p90 else "")
-    rows = [["form", "engine", "precision", *[f"batch {b} ms" for b in sizes], "top-1", "agreement", "verified"]]
+    per_core = lambda v: "-" if v is None else f"{v:.0f}"
+    rows = [["form", "engine", "precision", "threads", *[f"batch {b} ms" for b in sizes],
+             *[f"batch {b} img/s/core" for b in sizes], "top-1", "agreement", "verified"]]
     for f in r["deploy"]:
-        rows.append([f["name"], f["engine"] or "-", f["precision"], *[ms(f["latency_ms"].get(b)) for b in sizes],
+        rows.append([f["name"], f["engine"] or "-", f["precision"], str(f["threads"]),
+                     *[ms(f["latency_ms"].get(b)) for b in sizes],
+                     *[per_core(f["images_per_s_per_core"].get(b)) for b in sizes],
                      "-" if f["top1"] is None else f"{f['top1']:.4f}",
                      "-" if f["agreement"] is None else f"{f['agreement']:.4f}",
                      "yes" if f["verified"] else f"no: {f['note']}"])
@@ -136,15 +142,21 @@ def markdown_table(rows):
 
 
 def recommendation_lines(r):
-    """One line per batch size: the fastest verified int8 and fp32 forms and their ratio."""
+    """Two lines per batch size: the fastest verified int8 and fp32 forms (latency) and the verified forms that
+    serve the most images per second per core, each pair with its ratio."""
     lines = []
-    for b, pick in r.get("recommended", {}).items():
+    for b in r.get("recommended", {}):
         latency = {f["name"]: f["latency_ms"][b]["median"] for f in r["deploy"] if b in f["latency_ms"]}
-        parts = [f"{p} {pick[p]} ({latency[pick[p]]:.3f} ms)" if p in pick else f"no verified {p} form"
-                 for p in ("int8", "fp32")]
-        ratio = r["speedup"].get("best_int8_vs_best_fp32", {}).get(b)
-        lines.append(f"recommended at batch {b}: {parts[0]}, {parts[1]}"
-                     + (f": int8 {ratio:.2f}x faster than the best fp32" if ratio else ""))
+        per_core = {f["name"]: f["images_per_s_per_core"][b] for f in r["deploy"] if b in f["latency_ms"]}
+        for kind, pick, ratio, show, gain in (
+                ("recommended", r["recommended"][b], "best_int8_vs_best_fp32", lambda n: f"{latency[n]:.3f} ms",
+                 "faster than the best fp32"),
+                ("per core", r.get("recommended_per_core", {}).get(b, {}), "per_core_best_int8_vs_best_fp32",
+                 lambda n: f"{per_core[n]:.0f} img/s/core", "the images per core of the best fp32")):
+            parts = [f"{p} {pick[p]} ({show(pick[p])})" if p in pick else f"no verified {p} form"
+                     for p in ("int8", "fp32")]
+            x = r["speedup"].get(ratio, {}).get(b)
+            lines.append(f"{kind} at batch {b}: {parts[0]}, {parts[1]}" + (f": int8 {x:.2f}x {gain}" if x else ""))
     return lines
 
 

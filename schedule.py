@@ -28,8 +28,9 @@ class RunClock:
 
     QAT_PACE = 0.5  # QAT trains at 0.46-0.76x the float pace (fake quantization); until QAT has run
     # forms the deploy stage builds per runtime: torch int8 under 4 engines and 5 fp32 forms; ONNX Runtime fp32 and
-    # int8; OpenVINO fp32, int8, bf16 and 2 throughput forms (a CPU without bf16 or a 4-bit run differs by one)
-    FORMS = {"torch": 9, "onnxruntime": 2, "openvino": 5}
+    # int8; OpenVINO fp32, int8, bf16 and 2 throughput forms (a CPU without bf16 or a 4-bit run differs by one);
+    # all but the throughput forms again on 1 thread where --threads is more
+    FORMS, ONE_THREAD = {"torch": 9, "onnxruntime": 2, "openvino": 5}, {"torch": 9, "onnxruntime": 2, "openvino": 3}
 
     def __init__(self, args, n_train, n_test, start):
         self.args, self.n_train, self.n_test = args, n_train, n_test
@@ -44,7 +45,8 @@ class RunClock:
         qat_images = min(batches, a.qat_batches or batches) * a.batch_size
         # deploy: each form predicts the test set (verification), then makes its warm-up and timed calls
         calls = (a.bench_warmup + a.bench_runs) * sum(max(b / pace["eval"], 2e-3) for b in a.bench_batch_sizes)
-        deploy = sum(self.FORMS[r] for r in a.deploy_runtimes) * (eval_s + calls)
+        forms = sum(self.FORMS[r] + self.ONE_THREAD[r] * (a.threads > 1) for r in a.deploy_runtimes)
+        deploy = forms * (eval_s + calls)
         after = 3 * eval_s + a.ptq_batches * a.batch_size / pace["eval"] + deploy + 10  # convert, PTQ, ONNX, report
         return (fp32_epochs * (self.n_train / pace["fp32"] + eval_s)
                 + qat_epochs * (qat_images / pace["qat"] + 2 * eval_s) + after)
@@ -83,7 +85,8 @@ def measure_pace(args, data, device):
                 if isinstance(m, nn.BatchNorm2d):
                     nn.init.ones_(m.weight)
             if stage == "qat":
-                models.prepare_quantization(model, qat=True, weight_bits=args.weight_bits)
+                models.prepare_quantization(model, qat=True, weight_bits=args.weight_bits,
+                                            reduce_range=args.reduce_range)
             model.to(device, memory_format=torch.channels_last)
             optimizer, criterion = torch.optim.SGD(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
             net = distribute(model, device)  # under torchrun the pace includes DDP's communication

@@ -125,7 +125,8 @@ def check_finite(model, what, hint):
 STAGE_SETTINGS = {
     "fp32": ("model", "seed", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_pct",
              "label_smoothing", "crop_padding", "cutout", "train_subset", "float_checkpoint", "world_size", "sync_bn"),
-    "qat": ("qat_epochs", "qat_batches", "qat_lr", "qat_freeze_observer_after", "qat_freeze_bn_after", "weight_bits"),
+    "qat": ("qat_epochs", "qat_batches", "qat_lr", "qat_freeze_observer_after", "qat_freeze_bn_after", "weight_bits",
+            "reduce_range"),
 }
 
 

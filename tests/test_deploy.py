@@ -10,9 +10,10 @@ import deploy
 import report
 
 
-def form(name, precision, medians, verified=True):
-    return dict(name=name, precision=precision, verified=verified,
-                latency_ms={b: dict(median=m, p90=m * 1.1) for b, m in medians.items()})
+def form(name, precision, medians, verified=True, threads=1):
+    return dict(name=name, precision=precision, verified=verified, threads=threads,
+                latency_ms={b: dict(median=m, p90=m * 1.1) for b, m in medians.items()},
+                images_per_s_per_core={b: int(b) * 1000 / m / threads for b, m in medians.items()})
 
 
 def test_recommendation_is_the_fastest_verified_form_of_each_precision():
@@ -34,7 +35,26 @@ def test_no_verified_form_of_a_precision_gives_no_pick_and_no_ratio():
     assert recommended == {"1": {"fp32": "fp32"}} and ratio == {}
     lines = report.recommendation_lines(dict(recommended=recommended, speedup={"best_int8_vs_best_fp32": ratio},
                                              deploy=[form("fp32", "fp32", {"1": 1.0})]))
-    assert lines == ["recommended at batch 1: no verified int8 form, fp32 fp32 (1.000 ms)"]
+    assert lines == ["recommended at batch 1: no verified int8 form, fp32 fp32 (1.000 ms)",
+                     "per core at batch 1: no verified int8 form, no verified fp32 form"]
+
+
+def test_per_core_recommendation_counts_the_threads_a_form_takes():
+    """Serving single requests, one instance per core: a 1-thread form slower than its 2-thread twin can still
+    serve more images per core."""
+    rows = [form("int8_2t", "int8", {"1": 0.30, "64": 4.0}, threads=2),
+            form("int8_1t", "int8", {"1": 0.35, "64": 7.0}),
+            form("fp32_2t", "fp32", {"1": 0.50, "64": 16.0}, threads=2),
+            form("fp32_1t", "fp32", {"1": 0.90, "64": 30.0})]
+    latency, _ = deploy.recommend(rows, [1, 64])
+    per_core, ratio = deploy.recommend(rows, [1, 64], per_core=True)
+    assert latency == {"1": {"int8": "int8_2t", "fp32": "fp32_2t"}, "64": {"int8": "int8_2t", "fp32": "fp32_2t"}}
+    assert per_core == {"1": {"int8": "int8_1t", "fp32": "fp32_1t"}, "64": {"int8": "int8_1t", "fp32": "fp32_1t"}}
+    assert ratio == pytest.approx({"1": 0.90 / 0.35, "64": 30.0 / 7.0})  # the images per core, int8 over fp32
+    lines = report.recommendation_lines(dict(recommended=latency, recommended_per_core=per_core, deploy=rows,
+                                             speedup={"per_core_best_int8_vs_best_fp32": ratio}))
+    assert lines[1] == ("per core at batch 1: int8 int8_1t (2857 img/s/core), fp32 fp32_1t (1111 img/s/core): "
+                        "int8 2.57x the images per core of the best fp32")
 
 
 def test_verification_rejects_a_form_that_disagrees_or_fails():
@@ -85,9 +105,9 @@ def test_a_missing_runtime_or_an_unloadable_file_is_a_note(tmp_path, monkeypatch
                            weight_bits=8)
     forms, notes = deploy.deploy_forms(torch.nn.Identity(), tmp_path, args)
     assert forms == []
-    assert notes[0].startswith("onnxruntime_fp32: could not be loaded (")
-    assert notes[1].startswith("onnxruntime_int8: could not be loaded (")  # int8.onnx does not exist
-    assert notes[2] == "openvino is not installed (pip install -r requirements.txt): its forms are not timed"
+    assert notes[0] == "openvino is not installed (pip install -r requirements.txt): its forms are not timed"
+    assert notes[1].startswith("onnxruntime_fp32: could not be loaded (")
+    assert notes[2].startswith("onnxruntime_int8: could not be loaded (")  # int8.onnx does not exist
     assert all("\n" not in n for n in notes)
 
 

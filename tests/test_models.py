@@ -210,3 +210,16 @@ def test_layer_sqnr_is_high_with_the_calibrated_scale_and_low_with_a_coarse_one(
     bad = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
     assert bad["layer2.0.conv1"] < 10 and bad["layer2.0.conv1"] < good["layer2.0.conv1"] - 15, (good, bad)
     assert all(abs(bad[n] - good[n]) < 1e-4 for n in list(good)[:list(good).index("layer2.0.conv1")])  # upstream
+
+
+@pytest.mark.parametrize("qat", [True, False])
+def test_reduce_range_off_gives_activations_twice_the_levels(qat):
+    """fbgemm's 7-bit activations (reduce_range, for CPUs without VNNI) against all 8 bits: half the step."""
+    scales = {}
+    for reduce_range in (True, False):
+        fake_quant = models.qconfig(qat, reduce_range=reduce_range).activation()
+        fake_quant(torch.linspace(0, 10, 100))
+        observer = fake_quant.activation_post_process if qat else fake_quant
+        assert (observer.quant_min, observer.quant_max) == (0, 127 if reduce_range else 255)
+        scales[reduce_range] = observer.calculate_qparams()[0].item()
+    assert scales[False] == pytest.approx(scales[True] / 2, rel=0.01)

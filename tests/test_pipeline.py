@@ -73,11 +73,16 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     assert {f"torch_int8_{e}" for e in engines} | {"torch_fp32_eager", "onnxruntime_fp32", "onnxruntime_int8",
                                                    "openvino_fp32", "openvino_int8"} <= set(forms)
+    # each on 1 thread too (the smoke runs have 2), but the throughput forms, which split the cores into streams
+    assert {f"{n}_1thread" for n in forms if not n.endswith(("_1thread", "_throughput"))} <= set(forms)
     # every runtime loaded (this barely trained MobileNetV2 may predict one class: that is the only note allowed)
     assert [n for n in r["deploy_notes"] if "predicts one class for every test image" not in n] == []
     for f in r["deploy"]:
-        assert set(f) == {"name", "runtime", "engine", "settings", "precision", "latency_ms", "top1", "agreement",
-                          "verified", "note"}, f["name"]
+        assert set(f) == {"name", "runtime", "engine", "settings", "precision", "threads", "latency_ms",
+                          "images_per_s_per_core", "top1", "agreement", "verified", "note"}, f["name"]
+        assert f["threads"] == (1 if f["name"].endswith("_1thread") else 2) == f["settings"]["threads"], f["name"]
+        assert f["images_per_s_per_core"] == pytest.approx(
+            {b: int(b) * 1000 / v["median"] / f["threads"] for b, v in f["latency_ms"].items()}), f["name"]
         assert f["runtime"] in ("torch", "onnxruntime", "openvino") and f["precision"] in ("fp32", "int8", "bf16")
         assert (f["engine"] in engines) == (f["runtime"] == "torch" and f["precision"] == "int8")
         assert f["latency_ms"] and all(0 < v["median"] <= v["p90"] for v in f["latency_ms"].values()), f["name"]
@@ -100,8 +105,15 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
     assert r["speedup"]["int8_vs_fp32_eager"]["1"] == pytest.approx(
         forms["torch_fp32_eager"]["latency_ms"]["1"]["median"] / forms["torch_int8_fbgemm"]["latency_ms"]["1"]["median"])
     assert r["deploy_settings"]["images"] == 300 and r["deploy_settings"]["runs"] == 5
+    for b, pick in r["recommended_per_core"].items():  # core-milliseconds per image, the serving cost
+        cheapest = lambda p: min((f for f in r["deploy"] if f["precision"] == p and b in f["latency_ms"]
+                                  and f["verified"]), key=lambda f: f["latency_ms"][b]["median"] * f["threads"])
+        assert pick == {"int8": cheapest("int8")["name"], "fp32": cheapest("fp32")["name"]}
+        assert r["speedup"]["per_core_best_int8_vs_best_fp32"][b] == pytest.approx(
+            forms[pick["int8"]]["images_per_s_per_core"][b] / forms[pick["fp32"]]["images_per_s_per_core"][b])
     console = smoke[model][1].stdout.strip().splitlines()
-    assert console[-2].startswith("recommended at batch 1: int8 ") and console[-1].startswith("recommended at batch 64")
+    assert [line.split(":")[0] for line in console[-4:]] == ["recommended at batch 1", "per core at batch 1",
+                                                              "recommended at batch 64", "per core at batch 64"]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -259,6 +271,34 @@ def test_readme_loading_code_predicts_what_the_deploy_stage_verified(fitted, run
     with torch.inference_mode():
         expected = deploy.predict_fixed_batch(pipeline["runs"][64], images, 64)
     assert torch.equal(torch.from_numpy(np.load(out / "preds.npy")), expected)
+
+
+def test_openvino_integers_follow_onnx_runtime_layer_by_layer(fitted):
+    """deploy.int8_layer_diffs: every activation's integers, OpenVINO against ONNX Runtime, in graph order."""
+    path = fitted["out"] / "int8.onnx"
+    rows = deploy.int8_layer_diffs(path, data.normalize(fitted["images"][:32]).contiguous().numpy(), 2)
+    quantized = [n.output[0] for n in onnx.load(path).graph.node if n.op_type == "QuantizeLinear"]
+    assert len(rows) >= len(quantized) and rows[-1]["tensor"] == "logits"
+    assert rows[0]["max_steps"] <= 1  # the input is quantized alike, up to a tie rounded the other way
+    assert all(0 <= r["differ"] < 0.05 for r in rows), rows  # the same integers up to rare rounding
+
+
+def test_a_genuinely_different_int8_model_is_not_verified(fitted, tmp_path):
+    """The int8 file with one layer's weight scale doubled, run in OpenVINO, fails verification against the
+    reference: the rule tells rounding from a different model."""
+    from onnx import numpy_helper
+    graph = onnx.load(fitted["out"] / "int8.onnx")
+    constants = {n.output[0]: n for n in graph.graph.node if n.op_type == "Constant"}
+    weight_dq = next(n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants)
+    scale = constants[weight_dq.input[1]].attribute[0]
+    scale.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale.t) * 2))
+    onnx.save(graph, tmp_path / "int8.onnx")
+    compiled, _ = deploy.openvino_compile(tmp_path / "int8.onnx", 2, 64)
+    forms = [dict(name="openvino_int8_perturbed", precision="int8", runs={64: deploy.openvino_runner(compiled)})]
+    images = fitted["images"]
+    deploy.verify_forms(forms, {"test": (images, fitted["labels"])},
+                        {"int8": training.predict(fitted["int8_eager"], images)})
+    assert not forms[0]["verified"] and "agreement" in forms[0]["note"], forms[0]
 
 
 def test_int8_agrees_with_the_fake_quant_model(fitted):
