@@ -291,15 +291,21 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, cloc
     return model.cpu(), history
 
 
+def calibration_batches(data, args):
+    """The --ptq-batches normalised, un-augmented training batches that PTQ calibrates on, in a seeded order."""
+    images = data["train"][0]
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
+    return [normalize(images[order[i:i + args.batch_size]])
+            for i in range(0, min(args.ptq_batches * args.batch_size, len(images)), args.batch_size)]
+
+
 def calibrate_ptq(fp32_model, data, args):
     """Post-training quantization baseline: eval-mode fusion, observers fed un-augmented training batches."""
     model = copy.deepcopy(fp32_model).cpu()
     models.prepare_quantization(model, qat=False, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
-    images = data["train"][0]
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        for i in range(0, min(args.ptq_batches * args.batch_size, len(images)), args.batch_size):
-            model(normalize(images[order[i:i + args.batch_size]]))
+        for x in calibration_batches(data, args):
+            model(x)
     int8_model = models.convert_int8(model)
     training.check_finite(int8_model, "the PTQ int8 model", "check the float model and the data")
     return int8_model
