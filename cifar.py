@@ -38,7 +38,7 @@ import schedule
 import training
 import utils
 from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, find_layout, load_cifar10, normalize
-from report import cpu_has_vnni, deploy_table, environment, recommendation_lines, save_report, summary
+from report import deploy_table, environment, recommendation_lines, save_report, summary
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
 
@@ -135,10 +135,10 @@ def get_args_parser():
     g.add_argument("--weight-bits", type=int, default=8, choices=[8, 6, 4],
                    help="QAT and PTQ weights on a 2^bits-level per-channel grid, stored and run as int8; "
                         "activations stay 8-bit")
-    g.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
-                   help="fbgemm's 7-bit activation range (QAT and PTQ): needed where the CPU lacks VNNI (u8 x s8 "
-                        "products summed in int16 would overflow); auto: on there, off on VNNI CPUs, which then "
-                        "get all 8 bits")
+    g.add_argument("--reduce-range", choices=["on", "off"], default="on",
+                   help="fbgemm's 7-bit activations (QAT and PTQ). off: all 8 bits, with which OpenVINO int8 agrees "
+                        "with PyTorch int8, but fbgemm's int16 sums saturate on some inputs (even with VNNI) and "
+                        "CPUs without VNNI overflow")
     g.add_argument("--ptq-batches", type=int, default=32, help="training batches used to calibrate PTQ")
     g.add_argument("--no-ptq", action="store_true", help="skip the post-training quantization baseline")
     g = p.add_argument_group("deploy: every form verified and timed")
@@ -165,7 +165,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.qat_lr is None:
         args.qat_lr = args.lr / 100
-    args.reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and cpu_has_vnni() is not True)
+    args.reduce_range = args.reduce_range == "on"
     checks = [("--epochs", args.epochs >= 1 or args.time_budget is not None), ("--qat-epochs", args.qat_epochs >= 0),
               ("--qat-batches", args.qat_batches >= 0),
               ("--batch-size", args.batch_size >= 2), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
@@ -390,8 +390,8 @@ def main(args, out):
         data = load_data(args)
         test_images, test_labels = data["test"]
     if not args.reduce_range:
-        print("note: int8 activations use all 8 bits on this CPU (VNNI): the int8 files are for CPUs with VNNI; "
-              "--reduce-range on makes files for any x86 CPU")
+        print("note: --reduce-range off: int8 activations use all 8 bits; PyTorch's fbgemm kernels may saturate on "
+              "some inputs and CPUs without VNNI overflow (README: How the deploy benchmark is made)")
     print(f"note: eager-mode quantization and TorchScript are deprecated in torch {torch.__version__.split('+')[0]}; "
           "this pipeline pins that release and hides their deprecation warnings (README: Deprecations and pinning)")
 

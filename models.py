@@ -73,9 +73,9 @@ def qconfig(qat, weight_bits=8, reduce_range=True):
         return base
     activation = base.activation
     if not reduce_range:
-        # fbgemm's 7-bit activations keep u8 x s8 pair sums inside int16 where the CPU has no VNNI; with VNNI all 8
-        # bits halve the rounding step, and OpenVINO, which rounds ties away from zero, then agrees with PyTorch
-        # (98.5% -> 99.5% for ResNet18; docs/experiments.md)
+        # fbgemm's 7-bit activations keep u8 x s8 pair sums inside int16; all 8 bits halve the rounding step, with
+        # which OpenVINO (rounding ties away from zero) agrees with PyTorch, but fbgemm's sums then saturate on
+        # some inputs (docs/experiments.md)
         activation = (tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
                                                 reduce_range=False) if qat
                       else tq.HistogramObserver.with_args(reduce_range=False))
