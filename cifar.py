@@ -321,30 +321,6 @@ def quantize_int8(qat_model, args):
     return int8_model, models.to_torchscript(int8_model)
 
 
-def export_and_verify_onnx(torch_models, data, out, threads, weight_bits=8):
-    """Export each model to ONNX (checked, simplified), run it in ONNX Runtime over the test set, then save it.
-
-    torch_models: {name: (eager model, its test-set predictions)}. With 4-bit weights, int8_w4.onnx is int8.onnx
-    with its weights stored in 4 bits. Returns (report entries, paths).
-    """
-    info, accuracy, agreement, paths, graphs = {}, {}, {}, {}, {}
-    for name, (model, _) in torch_models.items():
-        graphs[name], info[name] = export.export_onnx(models.onnx_exportable(model), f"{name}.onnx")
-    if weight_bits == 4 and "int8" in graphs:
-        graphs["int8_w4"], packed = export.pack_int4_weights(graphs["int8"])
-        info["int8_w4"] = dict(opset=export.INT4_OPSET, int4_tensors=packed)
-        torch_models = dict(torch_models, int8_w4=torch_models["int8"])
-    else:  # a 4-bit file left by an earlier run in this folder would no longer match int8.onnx
-        (out / "int8_w4.onnx").unlink(missing_ok=True)
-    for name, graph in graphs.items():
-        ort_preds = deploy.ort_predict(graph, data["test"][0], threads)
-        accuracy[f"{name}_onnx"] = training.top1(ort_preds, data["test"][1])
-        agreement[f"{name}_onnx_vs_torch"] = training.top1(ort_preds, torch_models[name][1])
-        paths[name] = out / f"{name}.onnx"
-        export.save_onnx(graph, paths[name])
-    return dict(onnx=info, accuracy=accuracy, agreement=agreement), paths
-
-
 def setup_distributed(args):
     """The training device, and under torchrun the process group (gloo on the CPU, nccl on CUDA, one GPU per
     process); a plain run has none. Returns (device, report["distributed"])."""
@@ -446,7 +422,7 @@ def main(args, out):
             report["qat_vs_ptq"] = 100 * (report["accuracy"]["int8"] - report["accuracy"]["ptq_int8"])
 
     with stages("onnx"):  # 6. ONNX export, check, simplification, ONNX Runtime verification
-        onnx_report, onnx_paths = export_and_verify_onnx(
+        onnx_report, onnx_paths = export.export_and_verify(
             {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads,
             args.weight_bits)
         report["onnx"] = onnx_report["onnx"]

@@ -1,11 +1,15 @@
 """ONNX files from the eager models: export with the TorchScript exporter, check, simplify (onnxsim), store the weights
-in 4 bits (--weight-bits 4) and save. Running them in ONNX Runtime and OpenVINO is deploy.py's."""
+in 4 bits (--weight-bits 4), verify in ONNX Runtime over the test set (stage 6) and save. Timing them in ONNX Runtime
+and OpenVINO is deploy.py's."""
 import io
 
 import numpy as np
 import torch
 
+import deploy
+import models
 import utils
+from training import top1
 
 
 def export_onnx(model, name, opset=17):
@@ -76,3 +80,27 @@ def pack_int4_weights(graph):
 def save_onnx(graph, path):
     import onnx
     utils.atomic_write(path, lambda f: onnx.save(graph, f))
+
+
+def export_and_verify(torch_models, data, out, threads, weight_bits=8):
+    """Export each model to ONNX (checked, simplified), run it in ONNX Runtime over the test set, then save it.
+
+    torch_models: {name: (eager model, its test-set predictions)}. With 4-bit weights, int8_w4.onnx is int8.onnx
+    with its weights stored in 4 bits. Returns (report entries, paths).
+    """
+    info, accuracy, agreement, paths, graphs = {}, {}, {}, {}, {}
+    for name, (model, _) in torch_models.items():
+        graphs[name], info[name] = export_onnx(models.onnx_exportable(model), f"{name}.onnx")
+    if weight_bits == 4 and "int8" in graphs:
+        graphs["int8_w4"], packed = pack_int4_weights(graphs["int8"])
+        info["int8_w4"] = dict(opset=INT4_OPSET, int4_tensors=packed)
+        torch_models = dict(torch_models, int8_w4=torch_models["int8"])
+    else:  # a 4-bit file left by an earlier run in this folder would no longer match int8.onnx
+        (out / "int8_w4.onnx").unlink(missing_ok=True)
+    for name, graph in graphs.items():
+        ort_preds = deploy.ort_predict(graph, data["test"][0], threads)
+        accuracy[f"{name}_onnx"] = top1(ort_preds, data["test"][1])
+        agreement[f"{name}_onnx_vs_torch"] = top1(ort_preds, torch_models[name][1])
+        paths[name] = out / f"{name}.onnx"
+        save_onnx(graph, paths[name])
+    return dict(onnx=info, accuracy=accuracy, agreement=agreement), paths

@@ -383,13 +383,13 @@ def test_failed_export_keeps_an_earlier_good_file(tmp_path, monkeypatch, cifar_d
     splits = {"test": (images[0][:20], images[1][:20])}
     model = models.create_model("resnet18")
     preds = training.predict(model, splits["test"][0])
-    cifar.export_and_verify_onnx({"fp32": (model, preds)}, splits, out, 1)
+    export.export_and_verify({"fp32": (model, preds)}, splits, out, 1)
     before = (out / "fp32.onnx").read_bytes()
     for target in ("torch.onnx.export", "deploy.ort_predict"):
         with monkeypatch.context() as m:
             m.setattr(target, lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("simulated failure")))
             with pytest.raises(RuntimeError, match="simulated failure"):
-                cifar.export_and_verify_onnx({"fp32": (models.create_model("resnet18"), preds)}, splits, out, 1)
+                export.export_and_verify({"fp32": (models.create_model("resnet18"), preds)}, splits, out, 1)
         assert (out / "fp32.onnx").read_bytes() == before and [p.name for p in out.iterdir()] == ["fp32.onnx"]
 
 
