@@ -128,9 +128,11 @@ def fp32_candidates(fp32_model):
 
 
 def on_engine(module, engine, threads):
+    pinned = on_threads(module, threads)
+
     def run(x):
         torch.backends.quantized.engine = engine  # some quantized ops (add, pooling) read it when they run
-        return on_threads(module, threads)(x)
+        return pinned(x)
     return run
 
 
@@ -181,7 +183,7 @@ def deploy_forms(fp32_model, out, args):
             ov_variants.append(("int8_w4", "int8_w4.onnx", None))
     with_ort = "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime")
     # Every form runs with --threads threads and, named *_1thread, with one: a server of single requests runs one
-    # instance per core, and int8 at batch 1 gains little from a second thread where fp32 does (issue's probe).
+    # instance per core, and int8 at batch 1 gains little from a second thread where fp32 does.
     for n in sorted({args.threads, 1}, reverse=True):
         suffix, threads = ("" if n == args.threads else "_1thread"), dict(threads=n)
         if "torch" in args.deploy_runtimes:
