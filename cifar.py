@@ -2,16 +2,17 @@
 
 1. data        CIFAR-10 as uint8 tensors (a folder, torchvision's files, or downloaded)
 2. fp32_train  float training (SGD + nesterov, one-cycle LR)
-3. qat_train   fuse, fbgemm fake quantization, QAT fine-tuning
+3. qat_train   fuse, fbgemm fake quantization, QAT fine-tuning            (--flow eager, the default)
 4. convert     int8 conversion, TorchScript (int8.pt)
 5. ptq         post-training quantization baseline from the same float weights
+   pt2e        --flow pt2e|both: the same QAT and PTQ in torchao's PT2E flow (pt2e.py), AOTInductor package
 6. onnx        ONNX export, check, onnxsim, ONNX Runtime verification
 7. deploy      every int8 and fp32 form in PyTorch (each quantized engine), ONNX Runtime and OpenVINO:
                verified on the test set, timed, the fastest verified recommended
 8. report      report.json, report.md, plots
 
 This file holds the command line, the recipe and the stages; their pieces live in one module per concern: data.py,
-models.py, training.py, schedule.py (ETA, --time-budget), export.py (ONNX), deploy.py, report.py, utils.py.
+models.py, pt2e.py, training.py, schedule.py (ETA, --time-budget), export.py (ONNX), deploy.py, report.py, utils.py.
 
     python cifar.py                      # the full default pipeline for model_name
     python cifar.py --epochs 3 --qat-epochs 1 --train-subset 4000 --test-subset 1000   # quick tour
@@ -34,10 +35,11 @@ from torch.ao.nn.intrinsic import qat as nniqat
 import deploy
 import export
 import models
+import pt2e
 import schedule
 import training
 import utils
-from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, find_layout, load_cifar10, normalize
+from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, calibration_batches, find_layout, load_cifar10, normalize
 from report import deploy_table, environment, recommendation_lines, save_report, summary
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
@@ -122,6 +124,9 @@ def get_args_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/<model>/checkpoint.pt; finished training stages are reused")
     g = p.add_argument_group("quantization")
+    g.add_argument("--flow", default="eager", choices=["eager", "pt2e", "both"],
+                   help="eager: torch.ao eager mode (fbgemm, TorchScript); pt2e: torchao's PT2E "
+                        "(X86InductorQuantizer, AOTInductor); both: each from the same float model, side by side")
     # Short QAT epochs, as in PyTorch's QAT tutorial: fine-tuning at 1/100 of the LR needs few steps, and a whole
     # QAT epoch costs two float epochs; 2 x 100 batches matched a whole epoch (docs/experiments.md).
     g.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
@@ -135,10 +140,10 @@ def get_args_parser():
     g.add_argument("--weight-bits", type=int, default=8, choices=[8, 6, 4],
                    help="QAT and PTQ weights on a 2^bits-level per-channel grid, stored and run as int8; "
                         "activations stay 8-bit")
-    g.add_argument("--reduce-range", choices=["on", "off"], default="on",
-                   help="fbgemm's 7-bit activations (QAT and PTQ). off: all 8 bits, with which OpenVINO int8 agrees "
-                        "with PyTorch int8, but fbgemm's int16 sums saturate on some inputs (even with VNNI) and "
-                        "CPUs without VNNI overflow")
+    g.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                   help="7-bit activations (QAT and PTQ). auto: on for the eager flow (with all 8 bits fbgemm's int16 "
+                        "sums saturate on some inputs, even with VNNI); for PT2E only on CPUs without VNNI "
+                        "(torchao's should_reduce_range). 8 bits let OpenVINO int8 agree with PyTorch int8")
     g.add_argument("--ptq-batches", type=int, default=32, help="training batches used to calibrate PTQ")
     g.add_argument("--no-ptq", action="store_true", help="skip the post-training quantization baseline")
     g = p.add_argument_group("deploy: every form verified and timed")
@@ -165,7 +170,12 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.qat_lr is None:
         args.qat_lr = args.lr / 100
-    args.reduce_range = args.reduce_range == "on"
+    args.pt2e_reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and pt2e.needs_reduce_range())
+    args.reduce_range = args.reduce_range != "off"  # the eager flow's
+    if args.flow != "eager" and args.weight_bits != 8:
+        parser.error(f"--weight-bits {args.weight_bits} is for --flow eager; PT2E's X86InductorQuantizer has 8 only")
+    if args.flow != "eager" and WORLD_SIZE > 1:
+        parser.error("under torchrun use --flow eager: the PT2E flow trains in one process")
     checks = [("--epochs", args.epochs >= 1 or args.time_budget is not None), ("--qat-epochs", args.qat_epochs >= 0),
               ("--qat-batches", args.qat_batches >= 0),
               ("--batch-size", args.batch_size >= 2), ("--lr", args.lr > 0), ("--qat-lr", args.qat_lr > 0),
@@ -237,7 +247,7 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
     if args.float_checkpoint:
         model.load_state_dict(training.load_state_dict(args.float_checkpoint, model))
         return model, []
-    if ckpt and ckpt["stage"] == "qat":
+    if ckpt and ckpt["stage"] != "fp32":
         model.load_state_dict(training.load_state_dict(out / "fp32.pt", model))
         return model, [h for h in ckpt["history"] if h["stage"] == "fp32"]
     # --sync-bn converts the BN layers of a copy, which trains; model keeps plain BN for fusion, PTQ and export
@@ -283,20 +293,17 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, cloc
         if epoch > args.qat_freeze_bn_after:
             model.apply(nniqat.freeze_bn_stats)
 
-    resume = ckpt if ckpt and ckpt["stage"] == "qat" and not ckpt.get("restart_qat") else None
+    fresh = ckpt and not ckpt.get("restart_qat")
+    if fresh and ckpt["stage"] == "qat_pt2e":  # --flow both: the eager QAT finished before the PT2E one began
+        model.load_state_dict(training.load_state_dict(out / "qat.pt", model))
+        model.apply(tq.disable_observer)
+        return model.cpu(), [h for h in ckpt["history"] if h["stage"] == "qat"]
+    resume = ckpt if fresh and ckpt["stage"] == "qat" else None
     with training.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)):  # as train_float
         history = training.fit(model, optimizer, scheduler, batches, data, args, device, "qat", args.qat_epochs, out,
-                               resume, fp32_history, before_epoch, clock)
+                               resume, fp32_history, before_epoch, clock, lambda: model.apply(tq.disable_observer))
     model.apply(tq.disable_observer)
     return model.cpu(), history
-
-
-def calibration_batches(data, args):
-    """The --ptq-batches normalised, un-augmented training batches that PTQ calibrates on, in a seeded order."""
-    images = data["train"][0]
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
-    return [normalize(images[order[i:i + args.batch_size]])
-            for i in range(0, min(args.ptq_batches * args.batch_size, len(images)), args.batch_size)]
 
 
 def calibrate_ptq(fp32_model, data, args):
@@ -304,7 +311,7 @@ def calibrate_ptq(fp32_model, data, args):
     model = copy.deepcopy(fp32_model).cpu()
     models.prepare_quantization(model, qat=False, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
     with torch.no_grad():
-        for x in calibration_batches(data, args):
+        for x in calibration_batches(data["train"][0], args.batch_size, args.ptq_batches, args.seed):
             model(x)
     int8_model = models.convert_int8(model)
     training.check_finite(int8_model, "the PTQ int8 model", "check the float model and the data")
@@ -351,7 +358,7 @@ def main(args, out):
     ckpt = training.load_checkpoint(args, out)
     stages = utils.Stages()
     report = dict(model=args.model, epochs=0 if args.float_checkpoint else args.epochs, qat_epochs=args.qat_epochs,
-                  weight_bits=args.weight_bits,
+                  weight_bits=args.weight_bits, flow=args.flow, layer_sqnr_images=SQNR_IMAGES,
                   device=str(device), args=vars(args), environment=environment(args.threads),
                   distributed=distributed, accuracy={}, agreement={}, train_images_per_s={}, data_share={},
                   model_size_bytes={}, seconds=stages.seconds, history=[], artifacts={})
@@ -365,11 +372,16 @@ def main(args, out):
     with stages("data"):  # 1. data
         data = load_data(args)
         test_images, test_labels = data["test"]
+        sqnr_images = normalize(test_images[:SQNR_IMAGES])
+    flows = ("eager", "pt2e") if args.flow == "both" else (args.flow,)
     if not args.reduce_range:
         print("note: --reduce-range off: int8 activations use all 8 bits; PyTorch's fbgemm kernels may saturate on "
               "some inputs and CPUs without VNNI overflow (README: How the deploy benchmark is made)")
     print(f"note: eager-mode quantization and TorchScript are deprecated in torch {torch.__version__.split('+')[0]}; "
           "this pipeline pins that release and hides their deprecation warnings (README: Deprecations and pinning)")
+    if "pt2e" in flows:
+        print(f"note: the PT2E flow runs on torchao {pt2e.TORCHAO}, torch.export, AOTInductor (compiled with the C++ "
+              f"compiler) and the dynamo ONNX exporter (onnxscript {pt2e.ONNXSCRIPT}), none of them deprecated")
 
     with stages("fp32_train"):  # 2. float training
         clock = schedule.RunClock(args, len(data["train"][1]), len(test_labels), started)
@@ -386,58 +398,73 @@ def main(args, out):
             report["artifacts"]["fp32_state_dict"] = "fp32.pt"
             save_report(report, out)
 
-    with stages("qat_train"):  # 3. QAT fine-tuning
-        qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
-        if dist.is_initialized():  # training is over: the other processes end here; rank 0 takes their cores
-            dist.barrier()
-            dist.destroy_process_group()
-            args.threads = min(os.cpu_count(), args.threads * LOCAL_WORLD_SIZE)
-            torch.set_num_threads(args.threads)
-            report["environment"]["threads"] = args.threads
-        if not main_process:
-            return None
-        record_training("qat", history)
-        # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
-        report["accuracy"]["qat_fake_quant"] = history[-1]["test_acc"] if history else training.accuracy(
-            qat_model, data["test"])
+    onnx_models, references = {"fp32": (fp32_model, fp32_preds)}, {"fp32": fp32_preds}
+    if "eager" in flows:
+        with stages("qat_train"):  # 3. QAT fine-tuning
+            qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
+            if dist.is_initialized():  # training is over: the other processes end here; rank 0 takes their cores
+                dist.barrier()
+                dist.destroy_process_group()
+                args.threads = min(os.cpu_count(), args.threads * LOCAL_WORLD_SIZE)
+                torch.set_num_threads(args.threads)
+                report["environment"]["threads"] = args.threads
+            if not main_process:
+                return None
+            utils.torch_save(qat_model.state_dict(), out / "qat.pt")  # a later PT2E QAT's checkpoint resumes from it
+            record_training("qat", history)
+            # the last QAT epoch has just evaluated this same model on the test set (~40 s for MobileNetV2 on 2 cores)
+            report["accuracy"]["qat_fake_quant"] = history[-1]["test_acc"] if history else training.accuracy(
+                qat_model, data["test"])
 
-    with stages("convert"):  # 4. int8 conversion, TorchScript
-        int8_model, int8_ts = quantize_int8(qat_model, args)
-        int8_preds = training.predict(int8_model, test_images)
-        utils.torch_save(qat_model.state_dict(), out / "qat.pt")
-        utils.torch_save(int8_ts, out / "int8.pt")
-        report["accuracy"]["int8"] = training.top1(int8_preds, test_labels)
-        report["artifacts"].update(int8_torchscript="int8.pt", qat_state_dict="qat.pt")
-        sqnr_images = normalize(test_images[:SQNR_IMAGES])
-        report["layer_sqnr"] = {"qat": models.layer_sqnr(fp32_model, int8_model, sqnr_images)}
-        report["layer_sqnr_images"] = len(sqnr_images)
-    save_report(report, out)
+        with stages("convert"):  # 4. int8 conversion, TorchScript
+            int8_model, int8_ts = quantize_int8(qat_model, args)
+            int8_preds = references["int8"] = training.predict(int8_model, test_images)
+            onnx_models["int8"] = int8_model, int8_preds
+            utils.torch_save(int8_ts, out / "int8.pt")
+            report["accuracy"]["int8"] = training.top1(int8_preds, test_labels)
+            report["artifacts"].update(int8_torchscript="int8.pt", qat_state_dict="qat.pt")
+            layers, qat_float = models.quantized_layers(int8_model), models.qat_float_counterpart(qat_model)
+            report["layer_sqnr"] = {"qat": models.layer_sqnr(qat_float, int8_model, sqnr_images, layers)}
+            # how far fine-tuning moved the float network: not quantization error, so reported apart from it
+            report["qat_drift_sqnr"] = models.layer_sqnr(models.folded(fp32_model), qat_float, sqnr_images, layers)
+        save_report(report, out)
 
-    if not args.no_ptq:
-        with stages("ptq"):  # 5. PTQ baseline from the same float weights
-            ptq_model = calibrate_ptq(fp32_model, data, args)
-            report["accuracy"]["ptq_int8"] = training.accuracy(ptq_model, data["test"])
-            report["layer_sqnr"] = {"ptq": models.layer_sqnr(fp32_model, ptq_model, sqnr_images),
-                                    **report["layer_sqnr"]}
-            report["qat_vs_ptq"] = 100 * (report["accuracy"]["int8"] - report["accuracy"]["ptq_int8"])
+        if not args.no_ptq:
+            with stages("ptq"):  # 5. PTQ baseline from the same float weights
+                ptq_model = calibrate_ptq(fp32_model, data, args)
+                report["accuracy"]["ptq_int8"] = training.accuracy(ptq_model, data["test"])
+                report["layer_sqnr"] = {"ptq": models.layer_sqnr(models.folded(fp32_model), ptq_model, sqnr_images,
+                                                                 layers), **report["layer_sqnr"]}
+                report["qat_vs_ptq"] = 100 * (report["accuracy"]["int8"] - report["accuracy"]["ptq_int8"])
+
+    if "pt2e" in flows:
+        with stages("pt2e"):  # 3-5 in the PT2E flow, and its files
+            entries, references["int8_pt2e"] = pt2e.run(fp32_model, report["history"], data, args, device, out,
+                                                        ckpt, clock)
+            report["history"] += entries.pop("history")
+            for key, value in entries.items():
+                report[key] = {**report.get(key, {}), **value}
+            if "int8" in report["accuracy"]:
+                report["pt2e_vs_eager"] = 100 * (report["accuracy"]["pt2e_int8"] - report["accuracy"]["int8"])
+        save_report(report, out)
 
     with stages("onnx"):  # 6. ONNX export, check, simplification, ONNX Runtime verification
-        onnx_report, onnx_paths = export.export_and_verify(
-            {"fp32": (fp32_model, fp32_preds), "int8": (int8_model, int8_preds)}, data, out, args.threads,
-            args.weight_bits)
+        onnx_report, onnx_paths = export.export_and_verify(onnx_models, data, out, args.threads, args.weight_bits)
         report["onnx"] = onnx_report["onnx"]
         report["accuracy"].update(onnx_report["accuracy"])
         report["agreement"].update(onnx_report["agreement"])
         report["artifacts"].update({f"{name}_onnx": path.name for name, path in onnx_paths.items()})
 
     with stages("deploy"):  # 7. every form in every runtime: verified, timed, the fastest recommended
-        report.update(deploy.run(fp32_model, fp32_preds, int8_preds, data, out, args))
+        report.update(deploy.run(fp32_model, references, data, out, args))
         print(deploy_table(report))
 
     with stages("report"):  # 8. report.json, report.md, plots
-        for key, name in (("fp32", "fp32.pt"), ("int8", "int8.pt"), *((f"{n}_onnx", p.name) for n, p in
-                                                                      onnx_paths.items())):
-            report["model_size_bytes"][key] = (out / name).stat().st_size
+        files = dict(fp32="fp32.pt", int8="int8.pt", pt2e_int8="int8_pt2e.pt2", fp32_aoti="fp32.pt2",
+                     pt2e_int8_onnx="int8_pt2e.onnx", **{f"{n}_onnx": p.name for n, p in onnx_paths.items()})
+        for key, name in files.items():
+            if name in report["artifacts"].values():
+                report["model_size_bytes"][key] = (out / name).stat().st_size
         if "time_budget" in report:
             report["time_budget"]["actual_s"] = time.time() - clock.start
         save_report(report, out, plots=True)

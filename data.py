@@ -248,3 +248,11 @@ class Batches:
             self.data_seconds += time.perf_counter() - t
             yield x, self.labels[idx]
         self.epoch += 1
+
+
+def calibration_batches(images, batch_size, batches, seed):
+    """The first `batches` normalised, un-augmented batches of uint8 images in a seeded order: what PTQ calibrates
+    on (--ptq-batches), in both flows."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return [normalize(images[order[i:i + batch_size]])
+            for i in range(0, min(batches * batch_size, len(images)), batch_size)]

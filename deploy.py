@@ -148,11 +148,13 @@ def on_threads(module, threads):
 def deploy_forms(fp32_model, out, args):
     """Every deployable form of fp32 and int8, loaded from the saved files the way a user would load them.
 
-    Returns (forms, notes): forms are dicts {name, runtime, engine, settings, precision, runs: {batch: fn(x)}};
-    a runtime that is not installed or a file it cannot load gives a note instead of a form."""
+    Returns (forms, notes): forms are dicts {name, runtime, engine, settings, precision, reference, runs:
+    {batch: fn(x)}}, reference naming the model whose predictions the form must reproduce ("fp32", "int8": eager,
+    "int8_pt2e"); a runtime that is not installed or a file it cannot load gives a note instead of a form."""
     forms, notes, sizes = [], [], args.bench_batch_sizes
+    flows = {"eager": ["eager"], "pt2e": ["pt2e"], "both": ["eager", "pt2e"]}[getattr(args, "flow", "eager")]
 
-    def add(name, runtime, precision, make, engine=None):
+    def add(name, runtime, precision, make, engine=None, reference=None):
         try:
             runs, settings = make()
         except Exception as e:  # a form that cannot be built is reported, never fatal
@@ -160,6 +162,7 @@ def deploy_forms(fp32_model, out, args):
             return
         if runs:  # a throughput form exists only where a batch splits into its streams
             forms.append(dict(name=name, runtime=runtime, engine=engine, settings=settings, precision=precision,
+                              reference=reference or {"bf16": "fp32"}.get(precision, precision),
                               threads=settings["threads"], runs=runs))
 
     def installed(runtime, package):
@@ -172,15 +175,16 @@ def deploy_forms(fp32_model, out, args):
 
     # int8_w4.onnx (--weight-bits 4) is int8.onnx with 4-bit-stored weights: timed too, since the runtimes run
     # it differently (docs/experiments.md)
-    onnx_files = ["fp32", "int8"] + (["int8_w4"] if args.weight_bits == 4 else [])
-    ov_variants = []
+    # (form name, file, reference) per ONNX file
+    onnx_files = [("fp32", "fp32.onnx", "fp32")] + [("int8", "int8.onnx", "int8")] * ("eager" in flows) + [
+        ("int8_w4", "int8_w4.onnx", "int8")] * (args.weight_bits == 4) + [
+        ("pt2e_int8", "int8_pt2e.onnx", "int8_pt2e")] * ("pt2e" in flows)
+    ov_variants = []  # (form name, file, reference, OpenVINO's inference precision)
     if "openvino" in args.deploy_runtimes and installed("openvino", "openvino"):
         import openvino as ov
-        ov_variants = [("fp32", "fp32.onnx", "f32"), ("int8", "int8.onnx", None)]
+        ov_variants = [("fp32", "fp32.onnx", "fp32", "f32")] + [(*f, None) for f in onnx_files if f[0] != "fp32"]
         if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # OpenVINO's default there
-            ov_variants.append(("bf16", "fp32.onnx", "bf16"))
-        if "int8_w4" in onnx_files:
-            ov_variants.append(("int8_w4", "int8_w4.onnx", None))
+            ov_variants.append(("bf16", "fp32.onnx", "fp32", "bf16"))
     with_ort = "onnxruntime" in args.deploy_runtimes and installed("onnxruntime", "onnxruntime")
     # Every form runs with --threads threads and, named *_1thread, with one: a server of single requests runs one
     # instance per core, and int8 at batch 1 gains little from a second thread where fp32 does.
@@ -189,7 +193,7 @@ def deploy_forms(fp32_model, out, args):
         if "torch" in args.deploy_runtimes:
             # One loaded copy per batch size, as a server of one batch size has: oneDNN's int8 kernels ran batch 1
             # 3x slower in a copy that had run batch 64 first (docs/experiments.md).
-            for engine in [e for e in torch.backends.quantized.supported_engines if e != "none"]:
+            for engine in [e for e in torch.backends.quantized.supported_engines if e != "none" and "eager" in flows]:
                 def load(engine=engine, n=n):  # TorchScript re-packs the int8 weights for the engine set at load
                     torch.backends.quantized.engine = engine
                     return {b: on_engine(torch.jit.load(out / "int8.pt"), engine, n) for b in sizes}, threads
@@ -199,19 +203,28 @@ def deploy_forms(fp32_model, out, args):
             for form in copies[sizes[0]]:
                 add(f"torch_fp32_{form}{suffix}", "torch", "fp32", lambda form=form, n=n, threads=threads: (
                     {b: on_threads(copies[b][form], n) for b in sizes}, dict(threads, form=form)))
+            if "pt2e" in flows:  # the AOTInductor packages, also one loaded copy per batch size
+                for name, file, reference in (("pt2e_int8", "int8_pt2e.pt2", "int8_pt2e"),
+                                              ("fp32", "fp32.pt2", "fp32")):
+                    def load(file=file, n=n, threads=threads):
+                        return ({b: on_threads(torch._inductor.aoti_load_package(str(out / file)), n) for b in sizes},
+                                dict(threads, form="aoti"))
+                    add(f"torch_{name}_aoti{suffix}", "torch", reference.split("_")[0], load, engine="inductor",
+                        reference=reference)
         if with_ort:
-            for file in onnx_files:
+            for name, file, reference in onnx_files:
                 def load(file=file, n=n, threads=threads):
-                    session = ort_session(out / f"{file}.onnx", n)
+                    session = ort_session(out / file, n)
                     run = lambda x: session.run(None, {"input": x.numpy()})[0]
                     return {b: run for b in sizes}, dict(threads, graph_optimization="all")
-                add(f"onnxruntime_{file}{suffix}", "onnxruntime", file.split("_")[0], load)
-        for precision, file, hint_precision in ov_variants:
+                add(f"onnxruntime_{name}{suffix}", "onnxruntime", reference.split("_")[0], load, reference=reference)
+        for name, file, reference, hint_precision in ov_variants:
             def latency(file=file, hint_precision=hint_precision, n=n):
                 compiled = {b: openvino_compile(out / file, n, b, "LATENCY", hint_precision) for b in sizes}
                 return {b: openvino_runner(c) for b, (c, _) in compiled.items()}, compiled[sizes[0]][1]
-            add(f"openvino_{precision}{suffix}", "openvino", precision.split("_")[0], latency)
-    for precision, file, hint_precision in ov_variants[:2]:
+            add(f"openvino_{name}{suffix}", "openvino", "bf16" if name == "bf16" else reference.split("_")[0], latency,
+                reference=reference)
+    for name, file, reference, hint_precision in ov_variants[:2]:
         # the throughput hint splits the CPU into streams: a batch is cut into one request per stream
         def throughput(file=file, hint_precision=hint_precision):
             _, probe = openvino_compile(out / file, args.threads, 1, "THROUGHPUT", hint_precision)
@@ -222,7 +235,7 @@ def deploy_forms(fp32_model, out, args):
             runs = {b: openvino_parallel_runner(openvino_compile(
                 out / file, args.threads, b // n, "THROUGHPUT", hint_precision)[0], n) for b in fit}
             return runs, dict(probe, requests_per_batch=n)
-        add(f"openvino_{precision}_throughput", "openvino", precision, throughput)
+        add(f"openvino_{name}_throughput", "openvino", reference.split("_")[0], throughput, reference=reference)
     torch.set_num_threads(args.threads)
     return forms, notes
 
@@ -244,7 +257,7 @@ def predict_fixed_batch(run, images, batch):
 def verify_forms(forms, data, references):
     """Top-1 and agreement of every form on the whole test set, called at the largest benchmark batch size.
 
-    references: {precision: test-set predictions of its reference}; fills top1, agreement, verified, note."""
+    references: {form["reference"]: test-set predictions}; fills top1, agreement, verified, note."""
     images, labels = data["test"]
     ref_top1 = {p: top1(preds, labels) for p, preds in references.items()}
     with torch.inference_mode():
@@ -256,7 +269,7 @@ def verify_forms(forms, data, references):
                 f.update(top1=None, agreement=None, verified=False,
                          note=f"failed on the test set ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 continue
-            ref = "fp32" if f["precision"] == "bf16" else f["precision"]
+            ref = f.get("reference") or {"bf16": "fp32"}.get(f["precision"], f["precision"])
             f["top1"], f["agreement"] = top1(preds, labels), top1(preds, references[ref])
             problems = ([f"agreement {f['agreement']:.4f} < {AGREEMENT_MIN}"] if f["agreement"] < AGREEMENT_MIN
                         else []) + ([f"top-1 {f['top1']:.4f} vs the reference's {ref_top1[ref]:.4f}"]
@@ -344,15 +357,16 @@ def recommend(deploy, batch_sizes, per_core=False):
     return recommended, ratio
 
 
-def run(fp32_model, fp32_preds, int8_preds, data, out, args):
-    """Stage 7: build, verify and time every form; returns the report's deploy entries."""
+def run(fp32_model, references, data, out, args):
+    """Stage 7: build, verify and time every form; returns the report's deploy entries.
+
+    references: {"fp32", "int8" (eager), "int8_pt2e": test-set predictions of the model each form must reproduce}."""
     forms, notes = deploy_forms(fp32_model, out, args)
     for note in notes:
         print(f"note: {note}")
     print(f"deploy: {len(forms)} forms ({', '.join(sorted({f['runtime'] for f in forms}))}): verified on "
           f"{len(data['test'][1])} test images, then timed at batch {', '.join(map(str, args.bench_batch_sizes))}",
           flush=True)
-    references = {"int8": int8_preds, "fp32": fp32_preds}
     for precision, preds in references.items():
         if len(preds.unique()) == 1:  # then any form "agrees": the check proves nothing
             notes.append(f"the {precision} reference predicts one class for every test image, so agreement checks "
@@ -383,7 +397,7 @@ def run(fp32_model, fp32_preds, int8_preds, data, out, args):
                     verify_batch=max(args.bench_batch_sizes), images=len(data["test"][1]), agreement_min=AGREEMENT_MIN,
                     top1_tolerance=TOP1_TOLERANCE,
                     references={"int8": f"torch int8 ({models.ENGINE}, the converted model)",
-                                "fp32": "torch fp32 eager", "bf16": "torch fp32 eager"})
+                                "int8_pt2e": "torch PT2E int8 (the converted graph)", "fp32": "torch fp32 eager"})
     return dict(deploy=rows, recommended=recommended, recommended_per_core=per_core,
                 speedup={k: v for k, v in speedup.items() if v is not None}, deploy_settings=settings,
                 deploy_notes=notes)

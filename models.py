@@ -5,11 +5,8 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.ao.nn.intrinsic as nni
-import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch.ao import quantization as tq
-from torch.ao.ns import _numeric_suite as ns
 from torch.ao.ns.fx.utils import compute_sqnr
 from torchvision.models import quantization as qmodels
 
@@ -157,21 +154,47 @@ def to_torchscript(model):
 
 
 QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear)  # the ReLU-fused quantized kinds subclass these
-# The float (BN-folded) and int8 module types whose outputs layer_sqnr compares, matched by module name.
-COMPARED = {nn.Conv2d, nni.ConvReLU2d, nn.Linear, nni.LinearReLU, nnq.Conv2d, nniq.ConvReLU2d, nnq.Linear,
-            nniq.LinearReLU}
 
 
-def layer_sqnr(fp32_model, int8_model, images):
-    """SQNR in dB of every quantized conv/linear output of int8_model against the BN-folded fp32_model at the
-    same place, on one batch of normalized images, in network order: [{"layer", "sqnr_db"}, ...].
+def folded(fp32_model):
+    """A BN-folded eval copy of the float model, with the module names of the converted int8 model."""
+    return fuse(copy.deepcopy(fp32_model).cpu(), qat=False)
 
-    Each int8 layer is fed by the int8 layers before it, so a layer's figure includes the error it inherits,
-    as in deployment (the eager numeric suite's compare_model_outputs)."""
-    reference = fuse(copy.deepcopy(fp32_model).cpu(), qat=False)  # the module names of the converted model
+
+def qat_float_counterpart(qat_model):
+    """The QAT model's own float network: its trained weights and BN statistics, fake quantization off (eval), with
+    the module names of the int8 model converted from it."""
+    model = copy.deepcopy(qat_model).cpu().eval()
+    model.apply(tq.disable_fake_quant)
+    model.apply(tq.disable_observer)
+    return model
+
+
+def layer_outputs(model, names, images):
+    """{name: float output} of the named modules of model on images."""
+    outputs = {}
+    store = lambda m, args, out, name: outputs.__setitem__(name, out.dequantize() if out.is_quantized else out)
+    hooks = [m.register_forward_hook(functools.partial(store, name=name)) for name, m in model.named_modules()
+             if name in names]
     with torch.no_grad():
-        acts = ns.compare_model_outputs(reference, copy.deepcopy(int8_model), images, allow_list=COMPARED)
-    layers = {name for name, m in int8_model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
-    rows = [(name.removesuffix(".stats"), a) for name, a in acts.items()]  # the suite also logs the adds: skipped
-    return [dict(layer=name, sqnr_db=compute_sqnr(a["float"][0], a["quantized"][0].dequantize()).item())
-            for name, a in rows if name in layers]
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def layer_sqnr(reference, model, images, layers):
+    """SQNR in dB of model's output at each of `layers` (module names, in network order) against reference's output
+    at the same name, on one batch of normalized images: [{"layer", "sqnr_db"}, ...].
+
+    Each model runs whole, so a layer's figure includes the error it inherits from the layers before it, as in
+    deployment. The reference of an int8 model is its own float counterpart: for PTQ the BN-folded float model
+    (folded), for QAT the QAT model without fake quantization (qat_float_counterpart); the numeric suite's
+    compare_model_outputs takes a float model only."""
+    ref, got = layer_outputs(reference, layers, images), layer_outputs(model, layers, images)
+    return [dict(layer=name, sqnr_db=compute_sqnr(ref[name], got[name]).item()) for name in layers]
+
+
+def quantized_layers(int8_model):
+    """The names of int8_model's quantized conv/linear modules, in network order."""
+    return [name for name, m in int8_model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]

@@ -16,12 +16,14 @@ def environment(threads):
     import onnx
     import onnxruntime
     import torchvision
-    try:
-        openvino = importlib.metadata.version("openvino")
-    except importlib.metadata.PackageNotFoundError:
-        openvino = None
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
     return dict(torch=torch.__version__, torchvision=torchvision.__version__, onnx=onnx.__version__,
-                onnxruntime=onnxruntime.__version__, openvino=openvino, threads=threads, cores=os.cpu_count(),
+                onnxruntime=onnxruntime.__version__, openvino=version("openvino"), torchao=version("torchao"),
+                onnxscript=version("onnxscript"), threads=threads, cores=os.cpu_count(),
                 quantized_engine=torch.backends.quantized.engine, cpu=platform_cpu(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), vnni=cpu_has_vnni(),
                 python=platform.python_version())
@@ -71,40 +73,54 @@ def save_report(report, out, plots=False):
 def report_markdown(r):
     """report.json as readable tables."""
     acc, sizes = r["accuracy"], [str(b) for b in r["args"]["bench_batch_sizes"]]
+    flow, bits = r.get("flow", "eager"), lambda key: 7 if r["args"].get(key, True) else 8
+    activations = (f"{bits('reduce_range')}-bit activations" if flow == "eager" else
+                   f"PT2E {bits('pt2e_reduce_range')}-bit activations" if flow == "pt2e" else
+                   f"{bits('reduce_range')}-bit activations (PT2E {bits('pt2e_reduce_range')}-bit)")
     lines = [f"# {r['model']} on CIFAR-10: float, QAT int8, ONNX", "",
-             f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs of {r['args']['qat_batches'] or 'all'} "
-             f"batches on {r['device']}, {r.get('weight_bits', 8)}-bit weights, "
-             f"{7 if r['args'].get('reduce_range', True) else 8}-bit activations; "
-             f"torch {r['environment']['torch']}, {r['environment']['threads']} threads, "
+             f"{r['epochs']} float epochs + {r['qat_epochs']} QAT epochs ({flow} flow) of "
+             f"{r['args']['qat_batches'] or 'all'} batches on {r['device']}, {r.get('weight_bits', 8)}-bit weights, "
+             f"{activations}; torch {r['environment']['torch']}, {r['environment']['threads']} threads, "
              f"{r['environment']['cpu']}", "",
              "| model | top-1 | file (bytes) |", "|---|---|---|"]
     names = [("fp32", "fp32", "fp32"), ("PTQ int8", "ptq_int8", None), ("QAT fake-quant", "qat_fake_quant", None),
              ("QAT int8", "int8", "int8"), ("fp32 ONNX", "fp32_onnx", "fp32_onnx"),
              ("int8 ONNX", "int8_onnx", "int8_onnx"),
-             ("int8 ONNX, weights stored in 4 bits", "int8_w4_onnx", "int8_w4_onnx")]
+             ("int8 ONNX, weights stored in 4 bits", "int8_w4_onnx", "int8_w4_onnx"),
+             ("PT2E PTQ int8", "pt2e_ptq_int8", None), ("PT2E QAT fake-quant", "pt2e_qat_fake_quant", None),
+             ("PT2E QAT int8 (AOTInductor file)", "pt2e_int8", "pt2e_int8"),
+             ("PT2E int8 ONNX", "pt2e_int8_onnx", "pt2e_int8_onnx")]
     for label, key, size in names:
         if key in acc:
             lines.append(f"| {label} | {acc[key]:.4f} | {r['model_size_bytes'].get(size, '')} |")
     if "qat_vs_ptq" in r:
         lines += ["", f"QAT int8 - PTQ int8: {r['qat_vs_ptq']:+.2f} points (one seed; README: QAT or PTQ for the "
                       f"seed spread)"]
+    if "pt2e_vs_eager" in r:
+        lines += ["", f"PT2E QAT int8 - eager QAT int8: {r['pt2e_vs_eager']:+.2f} points (one seed; "
+                      f"benchmarks/README.md: flows.py for the seed spread)"]
     if r.get("agreement"):
         lines += ["", "| agreement (same predicted class) | share of test images |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in r["agreement"].items()]
     if r.get("layer_sqnr"):
-        lines += ["", f"Per-layer quantization error: SQNR (dB) of each int8 conv/linear output against the BN-folded "
-                  f"float model, on {r['layer_sqnr_images']} test images; the {WORST_LAYERS} worst layers "
-                  f"(layer_sqnr.png: all)", ""]
+        lines += ["", f"Per-layer quantization error: SQNR (dB) of each int8 conv/linear output against its own float "
+                  f"counterpart (PTQ: the BN-folded float model; QAT: the QAT model without fake quantization), on "
+                  f"{r['layer_sqnr_images']} test images; the {WORST_LAYERS} worst layers (layer_sqnr.png: all)", ""]
         worst = [[method.upper(), row["layer"], f"{row['sqnr_db']:.1f}"] for method, rows in r["layer_sqnr"].items()
                  for row in sorted(rows, key=lambda row: row["sqnr_db"])[:WORST_LAYERS]]
         lines += markdown_table([["method", "layer", "SQNR dB"], *worst])
+    if r.get("qat_drift_sqnr"):
+        drift = sorted(row["sqnr_db"] for row in r["qat_drift_sqnr"])
+        lines += ["", f"QAT's own drift (not quantization error): the QAT model's float network against the float "
+                      f"model before QAT, SQNR {drift[len(drift) // 2]:.1f} dB median, {drift[0]:.1f} dB worst layer"]
     if r.get("deploy"):
         ds = r["deploy_settings"]
         lines += ["", f"Deployment matrix: latency in ms per batch, median (p90) of {ds['runs']} calls in "
                   f"{ds['rounds']} interleaved rounds after {ds['warmup']} warm-up calls, each form on {ds['threads']} "
                   f"threads and (*_1thread) on 1; images per second per core = batch / median / threads; "
-                  f"top-1 and agreement (same class as the reference: int8 {ds['references']['int8']}, otherwise "
-                  f"{ds['references']['fp32']}) on {ds['images']} test images", ""]
+                  f"top-1 and agreement (same class as the reference: int8 {ds['references']['int8']}, pt2e_int8 "
+                  f"{ds['references'].get('int8_pt2e')}, otherwise {ds['references']['fp32']}) on {ds['images']} "
+                  f"test images", ""]
         lines += markdown_table(deploy_rows(r, p90=True))
         lines += ["", *[f"- {line}" for line in recommendation_lines(r)]]
         lines += [f"- note: {n}" for n in r.get("deploy_notes", [])]
@@ -168,7 +184,7 @@ def plot_curves(history, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for stage in ("fp32", "qat"):
+    for stage in ("fp32", "qat", "qat_pt2e"):
         rows = [(i + 1, h) for i, h in enumerate(history) if h["stage"] == stage]
         if rows:
             x = [i for i, _ in rows]
@@ -236,11 +252,15 @@ def summary(r):
     acc, size = r["accuracy"], r["model_size_bytes"]
     rows = [("fp32", acc.get("fp32"), size.get("fp32")), ("PTQ int8", acc.get("ptq_int8"), None),
             ("QAT int8", acc.get("int8"), size.get("int8")), ("int8 ONNX", acc.get("int8_onnx"), size.get("int8_onnx")),
-            ("4-bit ONNX", acc.get("int8_w4_onnx"), size.get("int8_w4_onnx"))]
+            ("4-bit ONNX", acc.get("int8_w4_onnx"), size.get("int8_w4_onnx")),
+            ("PT2E PTQ", acc.get("pt2e_ptq_int8"), None), ("PT2E QAT", acc.get("pt2e_int8"), size.get("pt2e_int8")),
+            ("PT2E ONNX", acc.get("pt2e_int8_onnx"), size.get("pt2e_int8_onnx"))]
     lines = [f"{'':10s} {'top-1':>7s} {'file MB':>8s}"]
     lines += [f"{n:10s} {a:7.4f} {(f'{s / 1e6:.2f}' if s else '-'):>8s}" for n, a, s in rows if a is not None]
     if "qat_vs_ptq" in r:
         lines.append(f"QAT int8 - PTQ int8: {r['qat_vs_ptq']:+.2f} points")
+    if "pt2e_vs_eager" in r:
+        lines.append(f"PT2E QAT int8 - eager QAT int8: {r['pt2e_vs_eager']:+.2f} points")
     for k, v in r.get("speedup", {}).items():
         lines.append(f"speed-up {k}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items()))
     return "\n".join(lines)

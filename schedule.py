@@ -31,13 +31,18 @@ class RunClock:
     # int8; OpenVINO fp32, int8, bf16 and 2 throughput forms (a CPU without bf16 or a 4-bit run differs by one);
     # all but the throughput forms again on 1 thread where --threads is more
     FORMS, ONE_THREAD = {"torch": 9, "onnxruntime": 2, "openvino": 5}, {"torch": 9, "onnxruntime": 2, "openvino": 3}
+    # --flow pt2e|both: 2 AOTInductor forms, an ONNX Runtime and an OpenVINO form (each also on 1 thread), and about
+    # a minute to compile the packages and export the ONNX file
+    PT2E_FORMS, PT2E_FILES_S = {"torch": 2, "onnxruntime": 1, "openvino": 1}, 60
 
     def __init__(self, args, n_train, n_test, start):
         self.args, self.n_train, self.n_test = args, n_train, n_test
         self.start, self.bar = start, None  # start: time.time() when the run began
+        self.flows = 2 if getattr(args, "flow", "eager") == "both" else 1  # QAT runs once per flow
+        self.pt2e = getattr(args, "flow", "eager") != "eager"
 
     def remaining(self, pace, fp32_epochs, qat_epochs):
-        """Seconds for fp32_epochs float and qat_epochs QAT epochs, then every stage after training.
+        """Seconds for fp32_epochs float and qat_epochs QAT epochs (all flows'), then every stage after training.
 
         pace: images/s of float training ("fp32"), QAT training ("qat") and float inference ("eval")."""
         a, eval_s = self.args, self.n_test / pace["eval"]
@@ -45,9 +50,11 @@ class RunClock:
         qat_images = min(batches, a.qat_batches or batches) * a.batch_size
         # deploy: each form predicts the test set (verification), then makes its warm-up and timed calls
         calls = (a.bench_warmup + a.bench_runs) * sum(max(b / pace["eval"], 2e-3) for b in a.bench_batch_sizes)
-        forms = sum(self.FORMS[r] + self.ONE_THREAD[r] * (a.threads > 1) for r in a.deploy_runtimes)
+        forms = sum(self.FORMS[r] + self.ONE_THREAD[r] * (a.threads > 1) + self.PT2E_FORMS[r] * self.pt2e *
+                    (1 + (a.threads > 1)) for r in a.deploy_runtimes)
         deploy = forms * (eval_s + calls)
-        after = 3 * eval_s + a.ptq_batches * a.batch_size / pace["eval"] + deploy + 10  # convert, PTQ, ONNX, report
+        after = (3 * eval_s + a.ptq_batches * a.batch_size / pace["eval"]) * self.flows + deploy + 10 + \
+            self.PT2E_FILES_S * self.pt2e  # convert, PTQ, ONNX, report
         return (fp32_epochs * (self.n_train / pace["fp32"] + eval_s)
                 + qat_epochs * (qat_images / pace["qat"] + 2 * eval_s) + after)
 
@@ -55,8 +62,10 @@ class RunClock:
         """The ETA suffix of an epoch's line (and, after the run's first trained epoch, the ETA: line)."""
         a, row = self.args, history[-1]
         pace = dict(eval=self.n_test / max(row["eval_seconds"], 1e-6), fp32=row["images_per_s"])
-        pace["qat"] = row["images_per_s"] if stage == "qat" else self.QAT_PACE * row["images_per_s"]
-        left = (a.epochs - row["epoch"], a.qat_epochs) if stage == "fp32" else (0, a.qat_epochs - row["epoch"])
+        pace["qat"] = row["images_per_s"] if stage != "fp32" else self.QAT_PACE * row["images_per_s"]
+        later_flows = self.flows if stage == "fp32" else self.flows - 1 if stage == "qat" else 0
+        left = (a.epochs - row["epoch"] if stage == "fp32" else 0,
+                (0 if stage == "fp32" else a.qat_epochs - row["epoch"]) + later_flows * a.qat_epochs)
         end = time.time() + self.remaining(pace, *left)
         if self.bar is None:
             self.bar = tqdm(total=sum(left) + 1, desc="whole run", unit="epoch", disable=None, leave=False)
@@ -114,13 +123,13 @@ def choose_epochs(clock, pace, budget_s, used_s):
 
     Returns (epochs, projected seconds of the whole run at the measured pace)."""
     slower = {k: v * PACE_MARGIN for k, v in pace.items()}
-    fixed = clock.remaining(slower, 0, clock.args.qat_epochs)
+    fixed = clock.remaining(slower, 0, clock.args.qat_epochs * clock.flows)
     per_epoch = clock.remaining(slower, 1, 0) - clock.remaining(slower, 0, 0)
     epochs = int((budget_s - used_s - fixed) // per_epoch)
     if epochs < 1:
         raise utils.UserError(f"--time-budget {budget_s / 60:g} is too small here: one float epoch and the rest of "
                               f"the run need about {(used_s + fixed + per_epoch) / 60:.1f} minutes")
-    return epochs, used_s + clock.remaining(pace, epochs, clock.args.qat_epochs)
+    return epochs, used_s + clock.remaining(pace, epochs, clock.args.qat_epochs * clock.flows)
 
 
 def plan_epochs(args, data, device, clock):

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.ao import quantization as tq
 from tqdm import tqdm
 
 import utils
@@ -126,7 +125,7 @@ STAGE_SETTINGS = {
     "fp32": ("model", "seed", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_pct",
              "label_smoothing", "crop_padding", "cutout", "train_subset", "float_checkpoint", "world_size", "sync_bn"),
     "qat": ("qat_epochs", "qat_batches", "qat_lr", "qat_freeze_observer_after", "qat_freeze_bn_after", "weight_bits",
-            "reduce_range"),
+            "reduce_range", "pt2e_reduce_range", "flow"),
 }
 
 
@@ -147,7 +146,7 @@ def load_checkpoint(args, out):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         settings, stage, epoch = ckpt["settings"], ckpt["stage"], ckpt["epoch"]
-        assert stage in STAGE_SETTINGS and isinstance(epoch, int) and "model" in ckpt
+        assert stage in ("fp32", "qat", "qat_pt2e") and isinstance(epoch, int) and "model" in ckpt
     except Exception as e:
         raise utils.UserError(f"'{path}' is not a readable checkpoint of this project ({type(e).__name__}); "
                               f"delete it or run without --resume") from None
@@ -159,7 +158,7 @@ def load_checkpoint(args, out):
     if differ:
         raise utils.UserError(f"'{path}' was made with other float settings: {'; '.join(differ)}; "
                               f"repeat them, or run without --resume to start over")
-    if stage == "qat" and settings["qat"] != stage_settings(args)["qat"]:
+    if stage != "fp32" and settings["qat"] != stage_settings(args)["qat"]:
         print("note: QAT settings changed since the checkpoint: float training is reused, QAT starts over")
         return dict(ckpt, restart_qat=True)
     print(f"resuming from {path} ({stage} stage, {epoch} epochs done)")
@@ -167,12 +166,13 @@ def load_checkpoint(args, out):
 
 
 def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs, out, resume=None, earlier=(),
-        before_epoch=None, clock=None):
+        before_epoch=None, clock=None, before_eval=None):
     """The epoch loop shared by float training and QAT, checkpointing after every epoch.
 
     batches: the training batches (data.Batches); resume: a checkpoint of this stage to continue from;
-    earlier: history rows of earlier stages (kept in the checkpoint for the report); clock: a RunClock for the
-    whole-run ETA. Returns this stage's history rows.
+    earlier: history rows of earlier stages (kept in the checkpoint for the report); before_epoch(epoch),
+    before_eval(): called before each epoch's training and evaluation (QAT: the test images must not move the
+    quantization ranges); clock: a RunClock for the whole-run ETA. Returns this stage's history rows.
     """
     history, done = [], 0
     if resume:
@@ -195,8 +195,8 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
         except utils.Diverged as e:  # checkpoint.pt keeps the last finished epoch
             raise utils.Diverged(f"{stage} training diverged in epoch {epoch}/{epochs}: {e}; "
                                  f"{divergence_hint(args, stage)}") from None
-        if stage == "qat":  # evaluate without letting test images move the quantization ranges
-            model.apply(tq.disable_observer)
+        if before_eval:
+            before_eval()
         broadcast_buffers(model)
         evaluated = time.perf_counter()
         test_acc = accuracy(model, data["test"], device, sharded=True)

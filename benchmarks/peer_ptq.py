@@ -1,7 +1,7 @@
 """The pipeline's int8 files beside what the runtimes' own post-training quantizers make of the same fp32.onnx.
 
 ONNX Runtime's quantize_static (QDQ, per-channel int8 weights, uint8 activations) and NNCF's PTQ (nncf.quantize on
-the OpenVINO model) each calibrate on the very batches the pipeline's PTQ uses (cifar.calibration_batches). Every
+the OpenVINO model) each calibrate on the very batches the pipeline's PTQ uses (data.calibration_batches). Every
 form is scored on the run's test images (top-1, agreement with PyTorch int8 of int8.pt, the deploy stage's
 reference) and timed like the deploy stage: all forms in turns, at each batch size, on --threads threads and on 1.
 NNCF is a peer here, not a dependency of the pipeline: pip install -r benchmarks/requirements.txt.
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cifar  # noqa: E402
+import data as data_module  # noqa: E402
 import deploy  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
@@ -77,7 +78,7 @@ def main():
     torch.set_num_threads(args.threads)
     data = cifar.load_data(args)
     images, labels = data["test"]
-    batches = cifar.calibration_batches(data, args)
+    batches = data_module.calibration_batches(data["train"][0], args.batch_size, args.ptq_batches, args.seed)
     torch.backends.quantized.engine = models.ENGINE
     int8 = torch.jit.load(run_dir / "int8.pt")
     reference = deploy.predict_fixed_batch(lambda x: int8(x), images, 500)

@@ -93,19 +93,21 @@ def run_cli(*args, env=None, timeout=600):
 
 
 SMOKE_BITS = {"mobilenet_v2": 8, "resnet18": 4}
+SMOKE_FLOW = {"mobilenet_v2": "both", "resnet18": "eager"}  # PT2E has 8-bit weights only
 
 
 @pytest.fixture(scope="session")
 def smoke(cifar_dir, tmp_path_factory):
     """The real pipeline, once per model, on a small CIFAR-10 subset: {model: (out folder, process)}.
 
-    MobileNetV2 runs with 8-bit weights, ResNet18 with 4-bit ones (SMOKE_BITS)."""
+    MobileNetV2 runs both flows with 8-bit weights, ResNet18 the eager flow with 4-bit ones (SMOKE_BITS, SMOKE_FLOW)."""
     runs = {}
     for model, bits in SMOKE_BITS.items():
         out = tmp_path_factory.mktemp(f"smoke_{model}")
         proc = run_cli("--model", model, "--epochs", 2, "--qat-epochs", 1, "--train-subset", 1000,
                        "--test-subset", 300, "--data-dir", cifar_dir, "--out-dir", out,
-                       "--bench-runs", 5, "--bench-warmup", 2, "--ptq-batches", 4, "--weight-bits", bits)
+                       "--bench-runs", 5, "--bench-warmup", 2, "--ptq-batches", 4, "--weight-bits", bits,
+                       "--flow", SMOKE_FLOW[model])
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[model] = (out / model, proc)
     return runs

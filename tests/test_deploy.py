@@ -115,7 +115,7 @@ def test_a_reference_of_one_class_is_a_note(monkeypatch):
     args = SimpleNamespace(deploy_runtimes=[], bench_batch_sizes=[1], threads=1, bench_warmup=0, bench_runs=1)
     images, labels = torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.arange(4)
     monkeypatch.setattr(deploy, "deploy_forms", lambda *a: ([], []))
-    result = deploy.run(None, torch.tensor([0, 1, 2, 2]), torch.zeros(4, dtype=torch.long),
+    result = deploy.run(None, {"fp32": torch.tensor([0, 1, 2, 2]), "int8": torch.zeros(4, dtype=torch.long)},
                         {"test": (images, labels)}, None, args)
     assert result["deploy_notes"] == ["the int8 reference predicts one class for every test image, so agreement "
                                       "checks nothing: train longer before choosing a form"]

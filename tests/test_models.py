@@ -204,10 +204,12 @@ def test_layer_sqnr_is_high_with_the_calibrated_scale_and_low_with_a_coarse_one(
     ptq = models.prepare_quantization(copy.deepcopy(fp32), qat=False)
     ptq(images)  # calibrated on the batch it is measured on: every scale fits
     int8 = models.convert_int8(ptq)
-    good = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
+    sqnr = lambda: {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(models.folded(fp32), int8, images,
+                                                                         models.quantized_layers(int8))}
+    good = sqnr()
     assert len(good) == 21 and min(good.values()) > 15, good
     int8.layer2[0].conv1.scale *= 50  # an output grid 50x too coarse: most outputs round to a few levels
-    bad = {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(fp32, int8, images)}
+    bad = sqnr()
     assert bad["layer2.0.conv1"] < 10 and bad["layer2.0.conv1"] < good["layer2.0.conv1"] - 15, (good, bad)
     assert all(abs(bad[n] - good[n]) < 1e-4 for n in list(good)[:list(good).index("layer2.0.conv1")])  # upstream
 
@@ -223,3 +225,27 @@ def test_reduce_range_off_gives_activations_twice_the_levels(qat):
         assert (observer.quant_min, observer.quant_max) == (0, 127 if reduce_range else 255)
         scales[reduce_range] = observer.calculate_qparams()[0].item()
     assert scales[False] == pytest.approx(scales[True] / 2, rel=0.01)
+
+
+def test_qat_sqnr_compares_with_the_qat_models_own_float_network():
+    """QAT's reference holds the QAT model's weights: fine-tuning drift from the pre-QAT model is not counted as
+    quantization error, and a coarse output grid still shows."""
+    torch.manual_seed(0)
+    fp32 = models.create_model("resnet18").eval()
+    for bn in (m for m in fp32.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+    images = torch.randn(16, 3, 32, 32)
+    qat = models.prepare_quantization(copy.deepcopy(fp32).train(), qat=True)
+    qat(images)  # the ranges see the batch the error is measured on
+    with torch.no_grad():  # fine-tuning moved one layer's weights far from the float model's
+        qat.layer1[0].conv1.weight.mul_(-1)
+    qat.apply(torch.ao.quantization.disable_observer)
+    qat(images)
+    qat.eval()
+    int8 = models.convert_int8(qat)
+    layers = models.quantized_layers(int8)
+    sqnr = lambda ref: {e["layer"]: e["sqnr_db"] for e in models.layer_sqnr(ref, int8, images, layers)}
+    own, pre_qat = sqnr(models.qat_float_counterpart(qat)), sqnr(models.folded(fp32))
+    assert own["layer1.0.conv1"] > 15 and pre_qat["layer1.0.conv1"] < 0, (own, pre_qat)
+    int8.layer1[0].conv1.scale *= 50
+    assert sqnr(models.qat_float_counterpart(qat))["layer1.0.conv1"] < own["layer1.0.conv1"] - 15

@@ -19,9 +19,10 @@ import data
 import deploy
 import export
 import models
+import pt2e
 import training
 import utils
-from conftest import SMOKE_BITS
+from conftest import SMOKE_BITS, SMOKE_FLOW
 
 MODELS = ["mobilenet_v2", "resnet18"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,9 @@ def test_report_has_every_key(smoke, model):
     assert r["weight_bits"] == SMOKE_BITS[model]
     for key in ("fp32", "qat_fake_quant", "int8", "ptq_int8", "fp32_onnx", "int8_onnx") + ("int8_w4_onnx",) * four_bit:
         assert 0 <= r["accuracy"][key] <= 1, key
-    assert set(r["agreement"]) == {"fp32_onnx_vs_torch", "int8_onnx_vs_torch"} | ({"int8_w4_onnx_vs_torch"} if four_bit else set())
+    assert set(r["agreement"]) == {"fp32_onnx_vs_torch", "int8_onnx_vs_torch"} | (
+        {"int8_w4_onnx_vs_torch"} if four_bit else set()) | (
+        {"pt2e_int8_onnx_vs_torch"} if SMOKE_FLOW[model] == "both" else set())
     assert r["qat_vs_ptq"] == pytest.approx(100 * (r["accuracy"]["int8"] - r["accuracy"]["ptq_int8"]))
     assert r["train_images_per_s"]["fp32"] > 0 and r["train_images_per_s"]["qat"] > 0
     env = r["environment"]
@@ -54,7 +57,16 @@ def test_report_has_every_key(smoke, model):
     md = (smoke[model][0] / "report.md").read_text()
     assert f"{r['accuracy']['int8']:.4f}" in md and "batch 64" in md
     assert all(f"| {f['name']} |" in md for f in r["deploy"]) and md.count("recommended at batch") == 2
-    assert [h["stage"] for h in r["history"]] == ["fp32", "fp32", "qat"]
+    both = SMOKE_FLOW[model] == "both"
+    assert r["flow"] == SMOKE_FLOW[model]
+    assert [h["stage"] for h in r["history"]] == ["fp32", "fp32", "qat"] + ["qat_pt2e"] * both
+    pt2e_keys = {"pt2e_qat_fake_quant", "pt2e_int8", "pt2e_ptq_int8", "pt2e_int8_onnx"}
+    assert (pt2e_keys <= set(r["accuracy"])) == both and ("pt2e_vs_eager" in r) == both
+    assert ({"pt2e_int8_aoti", "fp32_aoti", "pt2e_int8_onnx", "pt2e_qat_state_dict"} <= set(r["artifacts"])) == both
+    assert ({"torch_pt2e_int8_aoti", "onnxruntime_pt2e_int8", "openvino_pt2e_int8", "torch_fp32_aoti"} <= {
+        f["name"] for f in r["deploy"]}) == both
+    assert all(f["reference"] == "int8_pt2e" for f in r["deploy"] if "pt2e" in f["name"])
+    assert ("PT2E QAT int8" in md) == both
     assert 0 <= r["data_share"]["fp32"] < 1
 
 
@@ -78,13 +90,16 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
     # every runtime loaded (this barely trained MobileNetV2 may predict one class: that is the only note allowed)
     assert [n for n in r["deploy_notes"] if "predicts one class for every test image" not in n] == []
     for f in r["deploy"]:
-        assert set(f) == {"name", "runtime", "engine", "settings", "precision", "threads", "latency_ms",
+        assert set(f) == {"name", "runtime", "engine", "settings", "precision", "reference", "threads", "latency_ms",
                           "images_per_s_per_core", "top1", "agreement", "verified", "note"}, f["name"]
         assert f["threads"] == (1 if f["name"].endswith("_1thread") else 2) == f["settings"]["threads"], f["name"]
         assert f["images_per_s_per_core"] == pytest.approx(
             {b: int(b) * 1000 / v["median"] / f["threads"] for b, v in f["latency_ms"].items()}), f["name"]
         assert f["runtime"] in ("torch", "onnxruntime", "openvino") and f["precision"] in ("fp32", "int8", "bf16")
-        assert (f["engine"] in engines) == (f["runtime"] == "torch" and f["precision"] == "int8")
+        assert (f["engine"] in engines) == (f["runtime"] == "torch" and f["reference"] == "int8")
+        assert (f["engine"] == "inductor") == f["name"].startswith(("torch_pt2e_int8_aoti", "torch_fp32_aoti"))
+        precision = {"bf16": "fp32"}.get(f["precision"], f["precision"])
+        assert f["reference"] == precision + "_pt2e" * ("pt2e" in f["name"])
         assert f["latency_ms"] and all(0 < v["median"] <= v["p90"] for v in f["latency_ms"].values()), f["name"]
         assert set(f["latency_ms"]) == {"1", "64"} or f["name"].endswith("_throughput"), f["name"]
         assert 0 <= f["top1"] <= 1 and 0 <= f["agreement"] <= 1, f["name"]
@@ -225,12 +240,19 @@ def fitted(request, cifar_dir, tmp_path_factory):
         export.save_onnx(export.export_onnx(models.onnx_exportable(m), name)[0], out / f"{name}.onnx")
     int8_ts = models.to_torchscript(int8)
     utils.torch_save(int8_ts, out / "int8.pt")
+    # the PT2E flow from the same float model, and its files
+    qat_pt2e, _ = pt2e.train_qat(fp32, history, splits, args, torch.device("cpu"), out)
+    int8_pt2e = pt2e.convert(qat_pt2e)
+    pt2e.save_aoti(int8_pt2e, out / "int8_pt2e.pt2")
+    pt2e.save_aoti(fp32.eval(), out / "fp32.pt2")
+    export.save_onnx(pt2e.export_onnx(int8_pt2e), out / "int8_pt2e.onnx")
     return dict(model=model, images=images[idx], labels=labels[idx], fp32=fp32.eval(), qat=qat.eval(),
-                int8_eager=int8, int8=int8_ts, out=out)
+                int8_eager=int8, int8=int8_ts, qat_pt2e=qat_pt2e.eval(), int8_pt2e=int8_pt2e, out=out)
 
 
 def fitted_forms(fitted):
-    args = SimpleNamespace(deploy_runtimes=list(deploy.RUNTIMES), bench_batch_sizes=[1, 64], threads=2, weight_bits=8)
+    args = SimpleNamespace(deploy_runtimes=list(deploy.RUNTIMES), bench_batch_sizes=[1, 64], threads=2, weight_bits=8,
+                           flow="both")
     forms, notes = deploy.deploy_forms(fitted["fp32"], fitted["out"], args)
     assert notes == []
     return forms
@@ -241,15 +263,19 @@ def test_every_form_predicts_the_classes_of_its_reference(fitted):
     forms = fitted_forms(fitted)
     images = fitted["images"]
     references = {"int8": training.predict(fitted["int8_eager"], images),
+                  "int8_pt2e": training.predict(fitted["int8_pt2e"], images),
                   "fp32": training.predict(fitted["fp32"], images)}
     deploy.verify_forms(forms, {"test": (images, fitted["labels"])}, references)
     for f in forms:
         print(f"{fitted['model']} {f['name']}: agreement {f['agreement']:.2f}, top-1 {f['top1']:.2f}")
     assert {f["name"] for f in forms if not f["verified"]} == set(), [(f["name"], f["note"]) for f in forms]
+    assert {f["reference"] for f in forms} == {"int8", "int8_pt2e", "fp32"}
+    assert {"torch_pt2e_int8_aoti", "torch_fp32_aoti", "onnxruntime_pt2e_int8", "openvino_pt2e_int8"} <= {
+        f["name"] for f in forms}
 
 
 @pytest.mark.parametrize("runtime, form", [("torch", "torch_int8_fbgemm"), ("onnxruntime", "onnxruntime_int8"),
-                                           ("openvino", "openvino_int8")])
+                                           ("openvino", "openvino_int8"), ("aoti", "torch_pt2e_int8_aoti")])
 def test_readme_loading_code_predicts_what_the_deploy_stage_verified(fitted, runtime, form):
     """The README's lines for each runtime, run in a process without project code, predict the same classes as
     the deploy stage's form of the same file."""
@@ -301,13 +327,17 @@ def test_a_genuinely_different_int8_model_is_not_verified(fitted, tmp_path):
     assert not forms[0]["verified"] and "agreement" in forms[0]["note"], forms[0]
 
 
-def test_int8_agrees_with_the_fake_quant_model(fitted):
+@pytest.mark.parametrize("flow", ["eager", "pt2e"])
+def test_int8_agrees_with_the_fake_quant_model(fitted, flow):
+    """Both flows' int8 models keep their QAT models' classes, and classify the fitted images as well."""
     x = data.normalize(fitted["images"])
+    qat, int8 = (fitted["qat"], fitted["int8"]) if flow == "eager" else (fitted["qat_pt2e"], fitted["int8_pt2e"])
     with torch.no_grad():
-        fake, real = fitted["qat"](x), fitted["int8"](x)
+        fake, real = qat(x), int8(x)
     agreement = (fake.argmax(1) == real.argmax(1)).float().mean().item()
-    print(f"{fitted['model']}: int8 vs fake-quant agreement {agreement:.3f}")
+    print(f"{fitted['model']} {flow}: int8 vs fake-quant agreement {agreement:.3f}")
     assert agreement >= 0.95
+    assert (real.argmax(1) == fitted["labels"]).float().mean() >= 0.9
 
 
 def test_onnx_runtime_agrees_with_pytorch(fitted):

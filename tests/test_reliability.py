@@ -1,5 +1,6 @@
 """Crash and Ctrl-C recovery, stage reuse, atomic files, safe loading, clear errors that change nothing."""
 import hashlib
+import json
 import os
 import re
 import signal
@@ -188,3 +189,26 @@ def test_exclusive_folder_names_its_holder_and_removes_what_it_made_empty(tmp_pa
     with utils.exclusive_folder(folder):
         (folder / "fp32.pt").write_text("written")
     assert (folder / "fp32.pt").read_text() == "written"  # a folder the run wrote into stays
+
+
+def test_kill_9_in_pt2e_qat_then_resume_gives_the_uninterrupted_weights(data_dir, tmp_path):
+    """A PT2E QAT killed after its first epoch resumes from checkpoint.pt (the QAT graph's state_dict) to the
+    weights of a run that was never interrupted."""
+    pt2e_args = ["--flow", "pt2e", "--epochs", "1", "--qat-epochs", "2"]
+    whole = run_cli(*QUICK, *pt2e_args, "--data-dir", data_dir, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = start(data_dir, tmp_path / "cut", *pt2e_args)
+    ckpt, deadline = tmp_path / "cut" / "resnet18" / "checkpoint.pt", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["stage"] == "qat_pt2e":
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "resnet18" / "qat_pt2e.pt").exists()
+    resumed = run_cli(*QUICK, *pt2e_args, "--data-dir", data_dir, "--out-dir", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "qat_pt2e epoch 1/2" not in resumed.stdout and "qat_pt2e epoch 2/2" in resumed.stdout
+    assert same_state(tmp_path / "cut" / "resnet18" / "qat_pt2e.pt", tmp_path / "whole" / "resnet18" / "qat_pt2e.pt")
+    report = json.loads((tmp_path / "cut" / "resnet18" / "report.json").read_text())
+    assert report["flow"] == "pt2e" and "int8" not in report["accuracy"] and report["accuracy"]["pt2e_int8"] > 0

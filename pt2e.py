@@ -1,0 +1,249 @@
+"""The PT2E flow (torchao), eager mode's successor: the float network captured by torch.export and quantized by
+X86InductorQuantizer, trained (prepare_qat_pt2e) or calibrated (prepare_pt2e), converted (convert_pt2e), and its
+deployable files: an AOTInductor package (.pt2) and an ONNX file from the dynamo exporter. It needs no QuantStub,
+fuse_model or FloatFunctional: any network torch.export can capture goes through. run() is the pipeline's pt2e
+stage (cifar.py, --flow pt2e|both); deploy.py verifies and times the files."""
+import copy
+import importlib.metadata
+import logging
+import warnings
+
+import torch
+
+import deploy
+import export
+import training
+import utils
+from data import Batches, calibration_batches
+
+
+class _DropRecord(logging.Filter):
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
+# torchao 0.18 registers an Enum as a pytree constant when imported, which torch 2.14 logs as deprecated: that one
+# record is dropped (before the import below); every other message stays.
+logging.getLogger("torch.utils._pytree").addFilter(_DropRecord("is an Enum subclass and is now natively supported"))
+# The dynamo ONNX exporter prints its progress through this warning category's sibling: kept visible. Only the
+# converted graph's known note is filtered: inductor copy-constructs the weights' zero points.
+warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+
+import torchao  # noqa: E402
+import torchao.quantization.pt2e as ao  # noqa: E402
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # noqa: E402
+    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+TORCHAO, ONNXSCRIPT = torchao.__version__, importlib.metadata.version("onnxscript")
+# Any batch size the files will be called with; 1024 bounds what inductor specialises for.
+BATCH = torch.export.Dim("batch", min=1, max=1024)
+EXAMPLE = (torch.zeros(2, 3, 32, 32),)  # batch 2: export specialises a dimension of size 1
+
+
+def capture(model, train):
+    """model (left as it is) as an ATen graph module with a dynamic batch, in its training or inference form."""
+    model = copy.deepcopy(model).cpu().train(train)
+    return torch.export.export(model, EXAMPLE, dynamic_shapes=({0: BATCH},)).module()
+
+
+def needs_reduce_range():
+    """torchao's rule for PT2E: 7-bit activations only on CPUs without VNNI, whose u8 x s8 sums overflow int16."""
+    from torchao.utils import should_reduce_range
+    return should_reduce_range(torch.device("cpu"))
+
+
+def quantizer(qat, reduce_range):
+    """X86InductorQuantizer's default config: per-channel symmetric int8 weights, per-tensor uint8 activations
+    (7-bit with reduce_range, as eager mode's fbgemm qconfig), inductor's and oneDNN's int8 patterns."""
+    config = get_default_x86_inductor_quantization_config(is_qat=qat, reduce_range=reduce_range)
+    return X86InductorQuantizer().set_global(config)
+
+
+class QATModel(torch.nn.Module):
+    """A prepare_qat_pt2e graph that training.fit can drive like an eager model.
+
+    An exported graph has no train()/eval(): here they are torchao's switches of its batch-norm and dropout ops
+    (move_exported_model_to_train/eval). freeze_bn keeps batch norm on its running statistics in training as
+    well, as eager QAT's freeze_bn_stats does: the `training` argument of every batch_norm op is set to False, the
+    way torchao's QAT tutorial freezes it."""
+
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+        self.bn_frozen = False
+
+    def forward(self, x):
+        return self.graph(x)
+
+    def train(self, mode=True):
+        self.training = mode  # not passed on to the graph, which refuses train()/eval()
+        (ao.move_exported_model_to_train if mode else ao.move_exported_model_to_eval)(self.graph)
+        if mode and self.bn_frozen:
+            for node in self.graph.graph.nodes:
+                if node.target is torch.ops.aten.batch_norm.default:
+                    node.update_arg(5, False)
+            self.graph.recompile()
+        return self
+
+    def freeze_bn(self):
+        self.bn_frozen = True
+        return self.train(self.training)
+
+    def observe(self, on):
+        """Let the quantization ranges move (on) or hold them."""
+        self.apply(ao.enable_observer if on else ao.disable_observer)
+
+
+def prepare_qat(fp32_model, reduce_range):
+    """fp32_model's QAT form: captured in training form, fake quantization inserted, conv+bn kept trainable."""
+    return QATModel(prepare_qat_pt2e(capture(fp32_model, train=True), quantizer(True, reduce_range)))
+
+
+def inference_model(graph):
+    """An exported graph that training.predict can call: eval() works on it (and changes nothing)."""
+    ao.allow_exported_model_train_eval(graph)
+    torch.nn.Module.train(graph, False)  # the training flags, which exporters check; the ops are inference ones
+    return graph
+
+
+def convert(qat_model):
+    """The int8 reference of a QATModel (left as it is): batch norm folded, weights int8, and explicit
+    quantize/dequantize ops, run by PyTorch in float arithmetic; the deployable files are compiled from it."""
+    graph = copy.deepcopy(qat_model.graph)
+    ao.move_exported_model_to_eval(graph)
+    graph.apply(ao.disable_observer)
+    return inference_model(int32_bias(convert_pt2e(graph)))
+
+
+def _attr(graph, target):
+    module, _, name = target.rpartition(".")
+    return getattr(graph.get_submodule(module), name)
+
+
+def int32_bias(graph):
+    """Round every conv/linear bias of a converted graph to the int32 grid (input scale x weight scale), in place.
+
+    PyTorch's reference adds the float bias; ONNX Runtime's and OpenVINO's int8 kernels round it to that grid first,
+    and the half-step differences made ONNX Runtime predict another class for 3.6% of the images (a quick
+    MobileNetV2 run). On the grid all compute the same integers: eager mode's models.int32_bias, for PT2E graphs."""
+    dq_tensor, dq_channel = (torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+                             torch.ops.quantized_decomposed.dequantize_per_channel.default)
+    for node in graph.graph.nodes:
+        if node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default) or len(node.args) < 3:
+            continue
+        x, w, b = node.args[:3]
+        if not (isinstance(b, torch.fx.Node) and b.op == "get_attr" and getattr(x, "target", None) is dq_tensor
+                and getattr(w, "target", None) is dq_channel):
+            continue
+        bias, step = _attr(graph, b.target), x.args[1] * _attr(graph, w.args[1].target).double()
+        with torch.no_grad():
+            bias.copy_(torch.round(bias.double() / step) * step)
+    return graph
+
+
+def float_counterpart(qat_model):
+    """The QAT model's own float network (for the per-layer error): its weights and batch-norm statistics in
+    inference form, fake quantization off."""
+    graph = copy.deepcopy(qat_model.graph)
+    ao.move_exported_model_to_eval(graph)
+    graph.apply(ao.disable_fake_quant)
+    graph.apply(ao.disable_observer)
+    return inference_model(graph)
+
+
+@torch.no_grad()
+def calibrate_ptq(fp32_model, batches, reduce_range):
+    """The PT2E PTQ int8 reference: captured in inference form (batch norm folded), observers fed `batches`."""
+    graph = prepare_pt2e(capture(fp32_model, train=False), quantizer(False, reduce_range))
+    for x in batches:
+        graph(x)
+    return inference_model(int32_bias(convert_pt2e(graph)))
+
+
+# ---------------------------------------------------------------- deployable files
+
+# Freezing lets inductor fold the int8 weights into constants and pick oneDNN's fused int8 kernels.
+AOTI_CONFIG = {"freezing": True}
+
+
+def save_aoti(model, path):
+    """An AOTInductor package of model (a dynamic batch), written atomically: it loads with
+    torch._inductor.aoti_load_package(path) and needs no project code."""
+    with torch.no_grad():
+        program = torch.export.export(copy.deepcopy(model), EXAMPLE, dynamic_shapes=({0: BATCH},))
+        utils.atomic_write(path, lambda f: torch._inductor.aoti_compile_and_package(
+            program, package_path=f, inductor_configs=AOTI_CONFIG))
+
+
+def export_onnx(model):
+    """model as a checked ONNX ModelProto from the dynamo exporter (torch.export, then onnxscript), with a dynamic
+    batch; input "input", output "logits"."""
+    import onnx
+    with torch.no_grad():
+        program = torch.onnx.export(copy.deepcopy(model), EXAMPLE, dynamo=True, verbose=False,
+                                    input_names=["input"], output_names=["logits"], dynamic_shapes=({0: BATCH},))
+    graph = program.model_proto
+    onnx.checker.check_model(graph, full_check=True)
+    return graph
+
+
+# ---------------------------------------------------------------- the flow's stage (cifar.py: --flow pt2e|both)
+
+def train_qat(fp32_model, earlier, data, args, device, out, ckpt=None, clock=None):
+    """PT2E QAT from the same float model with eager QAT's recipe: the same batches, epochs, optimizer and LR
+    schedule; the ranges (QATModel.observe) and the BN statistics (QATModel.freeze_bn) frozen after the same epochs.
+
+    earlier: the history rows of the stages before (kept in the checkpoint)."""
+    model = prepare_qat(fp32_model, args.pt2e_reduce_range).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    batches = Batches(*data["train"], args.batch_size, args.seed, device, max_batches=args.qat_batches,
+                      padding=args.crop_padding, cutout=args.cutout)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.qat_epochs * len(batches), 1))
+
+    def before_epoch(epoch):
+        model.observe(epoch <= args.qat_freeze_observer_after)
+        if epoch > args.qat_freeze_bn_after and not model.bn_frozen:
+            model.freeze_bn()
+
+    resume = ckpt if ckpt and ckpt["stage"] == "qat_pt2e" and not ckpt.get("restart_qat") else None
+    history = training.fit(model, optimizer, scheduler, batches, data, args, device, "qat_pt2e", args.qat_epochs,
+                           out, resume, earlier, before_epoch, clock, lambda: model.observe(False))
+    model.observe(False)
+    return model.cpu(), history
+
+
+def run(fp32_model, earlier, data, args, device, out, ckpt=None, clock=None):
+    """--flow pt2e|both: QAT, int8 conversion and the PTQ baseline in torchao's PT2E flow from the same float model,
+    and its files: qat_pt2e.pt (the QAT graph's state_dict), int8_pt2e.pt2 and fp32.pt2 (AOTInductor packages),
+    int8_pt2e.onnx (the dynamo exporter's, verified in ONNX Runtime). Returns (report entries, the int8 reference's
+    test-set predictions)."""
+    (test_images, test_labels), hint = data["test"], training.divergence_hint(args, "qat")
+    qat_model, history = train_qat(fp32_model, earlier, data, args, device, out, ckpt, clock)
+    training.check_finite(qat_model, "the PT2E QAT model", hint)
+    int8_model = convert(qat_model)
+    preds = training.predict(int8_model, test_images)
+    utils.torch_save(qat_model.state_dict(), out / "qat_pt2e.pt")
+    save_aoti(int8_model, out / "int8_pt2e.pt2")
+    save_aoti(fp32_model.eval(), out / "fp32.pt2")
+    graph = export_onnx(int8_model)
+    onnx_preds = deploy.ort_predict(graph, test_images, args.threads)
+    export.save_onnx(graph, out / "int8_pt2e.onnx")
+    qat_top1 = history[-1]["test_acc"] if history else training.accuracy(qat_model, data["test"])
+    accuracy = dict(pt2e_qat_fake_quant=qat_top1, pt2e_int8=training.top1(preds, test_labels),
+                    pt2e_int8_onnx=training.top1(onnx_preds, test_labels))
+    if not args.no_ptq:
+        batches = calibration_batches(data["train"][0], args.batch_size, args.ptq_batches, args.seed)
+        ptq_model = calibrate_ptq(fp32_model, batches, args.pt2e_reduce_range)
+        accuracy["pt2e_ptq_int8"] = training.accuracy(ptq_model, data["test"])
+    pace = [h["images_per_s"] for h in history]
+    return dict(history=history, accuracy=accuracy, agreement=dict(pt2e_int8_onnx_vs_torch=training.top1(
+                    onnx_preds, preds)),
+                train_images_per_s=dict(qat_pt2e=sum(pace) / len(pace)) if pace else {},
+                artifacts=dict(pt2e_qat_state_dict="qat_pt2e.pt", pt2e_int8_aoti="int8_pt2e.pt2",
+                               fp32_aoti="fp32.pt2", pt2e_int8_onnx="int8_pt2e.onnx")), preds

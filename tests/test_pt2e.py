@@ -1,0 +1,127 @@
+"""The PT2E flow on a small network written without QuantStub, fuse_model or FloatFunctional: QAT switches, bias grid,
+conversion and the AOTInductor package loaded without project code."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pt2e
+
+
+class Plain(nn.Module):
+    """conv-bn-relu, a residual add written as +, pooling and a linear layer: nothing quantization-specific."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Plain's QAT model after a few steps on random images, ranges and batch norm frozen."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    qat = pt2e.prepare_qat(Plain(), reduce_range=False)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    qat.train()
+    for step in range(6):
+        if step == 3:
+            qat.observe(False)
+            qat.freeze_bn()
+        loss = qat(x).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return qat, x
+
+
+def batch_norm_args(qat):
+    return [n.args[5] for n in qat.graph.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+
+
+def test_freeze_bn_holds_the_statistics_in_training(trained):
+    qat, x = trained
+    qat.train()
+    assert batch_norm_args(qat) == [False, False]  # frozen: training mode no longer uses the batch statistics
+    before = {k: v.clone() for k, v in qat.state_dict().items() if "running" in k}
+    assert len(before) == 4
+    qat(x).sum().backward()
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in before.items())
+    qat.eval()
+    assert batch_norm_args(qat) == [False, False]
+
+
+def test_a_fresh_qat_model_trains_its_batch_norm_and_eval_switches_it():
+    qat = pt2e.prepare_qat(Plain(), reduce_range=False)
+    assert batch_norm_args(qat.train()) == [True, True]
+    assert batch_norm_args(qat.eval()) == [False, False]
+    assert batch_norm_args(qat.train()) == [True, True]
+
+
+def test_observe_off_holds_the_ranges(trained):
+    qat, x = trained
+    scales = {k: v.clone() for k, v in qat.state_dict().items() if k.endswith(".scale")}
+    assert scales
+    qat.train()
+    qat(x * 10)
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in scales.items())
+
+
+def test_converted_model_agrees_with_the_fake_quant_model(trained):
+    qat, x = trained
+    int8 = pt2e.convert(qat)
+    with torch.no_grad():
+        fake, real = qat.eval()(x), int8(x)
+    assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.95
+    assert torch.allclose(fake, real, atol=0.1 * fake.abs().max().item())
+
+
+def test_biases_lie_on_the_int32_grid(trained):
+    """Every conv/linear bias is an integer multiple of input scale x weight scale, as ONNX Runtime holds it."""
+    int8 = pt2e.convert(trained[0])
+    checked = 0
+    for node in int8.graph.nodes:
+        if node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            x, w, b = node.args[:3]
+            step = x.args[1] * pt2e._attr(int8, w.args[1].target).double()
+            k = pt2e._attr(int8, b.target).double() / step
+            assert torch.allclose(k, k.round(), atol=1e-3), node
+            checked += 1
+    assert checked == 3
+
+
+def test_aoti_package_loads_without_project_code(trained, tmp_path):
+    qat, x = trained
+    int8 = pt2e.convert(qat)
+    pt2e.save_aoti(int8, tmp_path / "m.pt2")
+    torch.save(x[:5], tmp_path / "x.pt")
+    code = ("import sys, torch\nrunner = torch._inductor.aoti_load_package(sys.argv[1])\n"
+            "torch.save(runner(torch.load(sys.argv[2])), sys.argv[3])\n"
+            "print(sorted(k for k in sys.modules if k in ('pt2e', 'models', 'utils', 'cifar')))\n")
+    proc = subprocess.run([sys.executable, "-c", code, tmp_path / "m.pt2", tmp_path / "x.pt", tmp_path / "y.pt"],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "y.pt"), int8(x[:5]), atol=1e-4)
+
+
+def test_onnx_file_is_checked_and_runs_in_onnx_runtime(trained):
+    import onnxruntime as ort
+    qat, x = trained
+    int8 = pt2e.convert(qat)
+    graph = pt2e.export_onnx(int8)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {"input": x[:7].numpy()})[0])
+    with torch.no_grad():
+        expected = int8(x[:7])
+    assert logits.shape == (7, 10) and (logits.argmax(1) == expected.argmax(1)).float().mean() >= 6 / 7
