@@ -281,11 +281,7 @@ def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, cloc
     model.load_state_dict(fp32_model.state_dict())
     models.prepare_quantization(model, qat=True, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    batches = Batches(*data["train"], args.batch_size, args.seed, device, max_batches=args.qat_batches,
-                      padding=args.crop_padding, cutout=args.cutout)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.qat_epochs * len(batches), 1))
+    optimizer, batches, scheduler = training.qat_recipe(model, data, args, device)
 
     def before_epoch(epoch):
         observe = epoch <= args.qat_freeze_observer_after

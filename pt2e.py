@@ -14,7 +14,7 @@ import deploy
 import export
 import training
 import utils
-from data import Batches, calibration_batches
+from data import calibration_batches
 
 
 class _DropRecord(logging.Filter):
@@ -200,11 +200,7 @@ def train_qat(fp32_model, earlier, data, args, device, out, ckpt=None, clock=Non
 
     earlier: the history rows of the stages before (kept in the checkpoint)."""
     model = prepare_qat(fp32_model, args.pt2e_reduce_range).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    batches = Batches(*data["train"], args.batch_size, args.seed, device, max_batches=args.qat_batches,
-                      padding=args.crop_padding, cutout=args.cutout)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.qat_epochs * len(batches), 1))
+    optimizer, batches, scheduler = training.qat_recipe(model, data, args, device)
 
     def before_epoch(epoch):
         model.observe(epoch <= args.qat_freeze_observer_after)

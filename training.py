@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from data import normalize
+from data import Batches, normalize
 
 
 class LossGuard:
@@ -212,6 +212,17 @@ def fit(model, optimizer, scheduler, batches, data, args, device, stage, epochs,
                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                   rng=torch.get_rng_state(), history=[*earlier, *history]), out / "checkpoint.pt")
     return history
+
+
+def qat_recipe(model, data, args, device):
+    """QAT's optimizer (SGD at --qat-lr), its batches (--qat-batches a epoch, each epoch a fresh random part of the
+    data) and cosine LR schedule: one recipe for both flows. Returns (optimizer, batches, scheduler)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.qat_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    batches = Batches(*data["train"], args.batch_size, args.seed, device, max_batches=args.qat_batches,
+                      padding=args.crop_padding, cutout=args.cutout)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.qat_epochs * len(batches), 1))
+    return optimizer, batches, scheduler
 
 
 def divergence_hint(args, stage):

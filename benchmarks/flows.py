@@ -7,9 +7,7 @@ run and a Markdown table; writes every figure to a JSON file.
 
     python benchmarks/flows.py --model mobilenet_v2 --fp32 save_models/mobilenet_v2/fp32.pt
 """
-import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -21,11 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cifar  # noqa: E402
-import models  # noqa: E402
 import pt2e  # noqa: E402
-import report  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
+from qat_vs_ptq import float_run_parser, load_float_run, spread  # noqa: E402
 
 
 def fine_tune(flow, fp32_model, data, args):
@@ -44,35 +41,11 @@ def fine_tune(flow, fp32_model, data, args):
     return training.accuracy(int8, data["test"]), pace, seconds
 
 
-def spread(values):
-    return dict(mean=statistics.mean(values), min=min(values), max=max(values), runs=values)
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "resnet18"])
-    p.add_argument("--fp32", help="float state dict (default: save_models/<model>/fp32.pt)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
-    p.add_argument("--test-subset", type=int, default=0, help="test images (0: all)")
-    p.add_argument("-o", "--output", help="JSON results (default: save_models/flows_<model>.json)")
-    a = p.parse_args()
-    fp32_path = Path(a.fp32 or ROOT / "save_models" / a.model / "fp32.pt")
+    a = float_run_parser(__doc__, "flows").parse_args()
     output = Path(a.output or ROOT / "save_models" / f"flows_{a.model}.json")
-    argv = ["--model", a.model, "--data-dir", a.data_dir, "--float-checkpoint", str(fp32_path),
-            "--test-subset", str(a.test_subset), "--flow", "both"]
-    args = cifar.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.backends.quantized.engine = models.ENGINE
-    data = cifar.load_data(args)
-    fp32_model = models.create_model(a.model)
-    fp32_model.load_state_dict(training.load_state_dict(fp32_path, fp32_model))
-    env = report.environment(args.threads)
-    fp32 = training.accuracy(fp32_model, data["test"])
-    print(f"{a.model} from {fp32_path}: fp32 {fp32:.4f}; {env['cpu']} ({env['cpu_capability']}), "
-          f"{args.threads} threads; QAT {args.qat_epochs} x {args.qat_batches} batches of {args.batch_size}; "
-          f"activations: eager {7 if args.reduce_range else 8}-bit, PT2E {7 if args.pt2e_reduce_range else 8}-bit")
+    fp32_path, argv, args, data, fp32_model, fp32, env = load_float_run(a, "--flow", "both")
+    print(f"activations: eager {7 if args.reduce_range else 8}-bit, PT2E {7 if args.pt2e_reduce_range else 8}-bit")
     results = dict(model=a.model, fp32_state_dict=str(fp32_path), fp32=fp32, seeds=a.seeds, environment=env,
                    qat_settings=training.stage_settings(args)["qat"], test_images=len(data["test"][1]), runs=[])
     for seed in a.seeds:

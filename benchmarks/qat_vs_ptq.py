@@ -40,6 +40,38 @@ def quantize(fp32_model, data, argv, seed, bits):
     return ptq, qat, qat_s
 
 
+def float_run_parser(doc, name):
+    """The options of a benchmark that quantizes one float model over seeds."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "resnet18"])
+    p.add_argument("--fp32", help="float state dict (default: save_models/<model>/fp32.pt)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
+    p.add_argument("--test-subset", type=int, default=0, help="test images (0: all)")
+    p.add_argument("-o", "--output", help=f"JSON results (default: save_models/{name}_<model>.json)")
+    return p
+
+
+def load_float_run(a, *extra):
+    """The benchmark's common start, from its arguments a (model, fp32, data_dir, test_subset): cifar.py's argv and
+    args with the float model as --float-checkpoint, the data, the float model, its test top-1 and the environment.
+    Prints one line naming them."""
+    fp32_path = Path(a.fp32 or ROOT / "save_models" / a.model / "fp32.pt")
+    argv = ["--model", a.model, "--data-dir", a.data_dir, "--float-checkpoint", str(fp32_path),
+            "--test-subset", str(a.test_subset), *extra]
+    args = cifar.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = models.ENGINE
+    data = cifar.load_data(args)
+    fp32_model = models.create_model(a.model)
+    fp32_model.load_state_dict(training.load_state_dict(fp32_path, fp32_model))
+    env = report.environment(args.threads)
+    fp32 = training.accuracy(fp32_model, data["test"])
+    print(f"{a.model} from {fp32_path}: fp32 {fp32:.4f}; {env['cpu']} ({env['cpu_capability']}), "
+          f"{args.threads} threads; QAT {args.qat_epochs} x {args.qat_batches} batches of {args.batch_size}")
+    return fp32_path, argv, args, data, fp32_model, fp32, env
+
+
 def spread(values):
     return dict(mean=statistics.mean(values), min=min(values), max=max(values), runs=values)
 
@@ -54,30 +86,11 @@ def verdict(r):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "resnet18"])
-    p.add_argument("--fp32", help="float state dict (default: save_models/<model>/fp32.pt)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = float_run_parser(__doc__, "qat_vs_ptq")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 6, 4])
-    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"))
-    p.add_argument("--test-subset", type=int, default=0, help="test images (0: all)")
-    p.add_argument("-o", "--output", help="JSON results (default: save_models/qat_vs_ptq_<model>.json)")
     a = p.parse_args()
-    fp32_path = Path(a.fp32 or ROOT / "save_models" / a.model / "fp32.pt")
     output = Path(a.output or ROOT / "save_models" / f"qat_vs_ptq_{a.model}.json")
-    argv = ["--model", a.model, "--data-dir", a.data_dir, "--float-checkpoint", str(fp32_path),
-            "--test-subset", str(a.test_subset)]
-    args = cifar.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.backends.quantized.engine = models.ENGINE
-    data = cifar.load_data(args)
-    fp32_model = models.create_model(a.model)
-    fp32_model.load_state_dict(training.load_state_dict(fp32_path, fp32_model))
-    env = report.environment(args.threads)
-    fp32 = training.accuracy(fp32_model, data["test"])
-    print(f"{a.model} from {fp32_path}: fp32 {fp32:.4f}; {env['cpu']} ({env['cpu_capability']}), "
-          f"{args.threads} threads; QAT {args.qat_epochs} x {args.qat_batches} batches of {args.batch_size}")
+    fp32_path, argv, args, data, fp32_model, fp32, env = load_float_run(a)
     results = dict(model=a.model, fp32_state_dict=str(fp32_path), fp32=fp32, seeds=a.seeds, environment=env,
                    qat_settings=training.stage_settings(args)["qat"], test_images=len(data["test"][1]), bits={})
     for bits in a.bits:
@@ -91,8 +104,8 @@ def main():
                                      qat_minus_ptq=spread([100 * (r["qat"] - r["ptq"]) for r in runs]), runs=runs)
         results["bits"][bits]["verdict"] = verdict(results["bits"][bits])
     utils.atomic_write(output, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    print(f"\n| weights | fp32 | PTQ int8 mean (range) | QAT int8 mean (range) | QAT - PTQ, points: mean (range) "
-          f"| verdict |")
+    print("\n| weights | fp32 | PTQ int8 mean (range) | QAT int8 mean (range) | QAT - PTQ, points: mean (range) "
+          "| verdict |")
     print("|---|---|---|---|---|---|")
     for bits, r in results["bits"].items():
         cell = lambda s, f="{:.4f}": f"{f.format(s['mean'])} ({f.format(s['min'])}-{f.format(s['max'])})"

@@ -36,6 +36,8 @@ def assert_one_line_error(proc, *fragments):
     (["--time-budget", "30", "--epochs", "3"], "give either it or --epochs"),
     (["--time-budget", "30", "--float-checkpoint", "fp32.pt"], "give either it or --float-checkpoint"),
     (["--time-budget", "0"], "--time-budget"),
+    (["--flow", "pt2e", "--weight-bits", "4"], "--weight-bits 4 is for --flow eager"),
+    (["--flow", "fx"], "invalid choice"),
 ])
 def test_bad_values(args, fragment, tmp_path, capsys):
     """In this process (the checks are argparse's; test_cuda_without_cuda takes the same path through cifar.py)."""
