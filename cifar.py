@@ -388,13 +388,14 @@ def main(args, out):
         if main_process:
             training.check_finite(fp32_model, "the float model", training.divergence_hint(args, "fp32"))
             fp32_preds = training.predict(fp32_model, test_images)
+            # the models stage 6 exports and the predictions each deploy form must reproduce, filled per flow
+            onnx_models, references = {"fp32": (fp32_model, fp32_preds)}, {"fp32": fp32_preds}
             utils.torch_save(fp32_model.state_dict(), out / "fp32.pt")
             record_training("fp32", fp32_history)
             report["accuracy"]["fp32"] = training.top1(fp32_preds, test_labels)
             report["artifacts"]["fp32_state_dict"] = "fp32.pt"
             save_report(report, out)
 
-    onnx_models, references = {"fp32": (fp32_model, fp32_preds)}, {"fp32": fp32_preds}
     if "eager" in flows:
         with stages("qat_train"):  # 3. QAT fine-tuning
             qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
