@@ -1,5 +1,5 @@
 """The PT2E flow (torchao), eager mode's successor: the float network captured by torch.export and quantized by
-X86InductorQuantizer, trained (prepare_qat_pt2e) or calibrated (prepare_pt2e), converted (convert_pt2e), and its
+X86InductorQuantizer (residual adds quantized as eager mode does), trained (prepare_qat_pt2e) or calibrated (prepare_pt2e), converted (convert_pt2e), and its
 deployable files: an AOTInductor package (.pt2) and an ONNX file from the dynamo exporter. It needs no QuantStub,
 fuse_model or FloatFunctional: any network torch.export can capture goes through. run() is the pipeline's pt2e
 stage (cifar.py, --flow pt2e|both); deploy.py verifies and times the files."""
@@ -36,8 +36,10 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor")
 import torchao  # noqa: E402
 import torchao.quantization.pt2e as ao  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantizer import get_input_act_qspec, get_output_act_qspec  # noqa: E402
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # noqa: E402
-    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    QUANT_ANNOTATION_KEY, X86InductorQuantizer, _is_any_annotated, _X86InductorQuantizationAnnotation,
+    get_default_x86_inductor_quantization_config)
 
 TORCHAO, ONNXSCRIPT = torchao.__version__, importlib.metadata.version("onnxscript")
 # Any batch size the files will be called with; 1024 bounds what inductor specialises for.
@@ -57,11 +59,51 @@ def needs_reduce_range():
     return should_reduce_range(torch.device("cpu"))
 
 
+class ResidualQuantizer(X86InductorQuantizer):
+    """X86InductorQuantizer with residual adds quantized the way eager mode quantizes them: the conv before an add
+    gets a quantized output, and the add (or the relu after it) one of its own.
+
+    X86InductorQuantizer annotates conv -> add (-> relu) as one pattern, for oneDNN's fused sum, and leaves the
+    conv's output unquantized; ONNX Runtime and OpenVINO then run such convs in float, with their weights
+    dequantized on every call (docs/experiments.md). With both inputs of the add quantized, every conv is a
+    QLinearConv there, and inductor still lowers the graph to oneDNN's int8 convolutions."""
+
+    def _no_binary_fusion(self, *args, **kwargs):
+        pass
+
+    _annotate_conv2d_binary_unary = _annotate_conv2d_binary = _no_binary_fusion
+    _annotate_qat_conv2d_bn_binary_unary = _annotate_qat_conv2d_bn_binary = _no_binary_fusion
+
+    def _annotate_conv2d_fusion_pattern(self, model, config, filter_fn=None):
+        super()._annotate_conv2d_fusion_pattern(model, config, filter_fn)
+        if config is not None:  # a global config (the only kind set here): every add not yet annotated
+            for node in model.graph.nodes:
+                if node.target is torch.ops.aten.add.Tensor and not _is_any_annotated([node]):
+                    self._annotate_add(node, config)
+
+    @staticmethod
+    def _annotate_add(node, config):
+        inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+        if len(inputs) != 2:
+            return
+        users = list(node.users)
+        relu = users[0] if len(users) == 1 and users[0].target is torch.ops.aten.relu.default else None
+
+        def annotation(**kw):
+            return _X86InductorQuantizationAnnotation(_annotated=True, _is_output_of_quantized_pattern=True, **kw)
+        # add -> relu is quantized after the relu, as eager mode's add_relu; runtimes fold the relu into the add
+        node.meta[QUANT_ANNOTATION_KEY] = annotation(input_qspec_map={a: get_input_act_qspec(config) for a in inputs},
+                                                     output_qspec=None if relu else get_output_act_qspec(config))
+        if relu is not None:
+            relu.meta[QUANT_ANNOTATION_KEY] = annotation(output_qspec=get_output_act_qspec(config))
+
+
 def quantizer(qat, reduce_range):
     """X86InductorQuantizer's default config: per-channel symmetric int8 weights, per-tensor uint8 activations
-    (7-bit with reduce_range, as eager mode's fbgemm qconfig), inductor's and oneDNN's int8 patterns."""
+    (7-bit with reduce_range, as eager mode's fbgemm qconfig), inductor's and oneDNN's int8 patterns, residual
+    adds quantized on both inputs (ResidualQuantizer)."""
     config = get_default_x86_inductor_quantization_config(is_qat=qat, reduce_range=reduce_range)
-    return X86InductorQuantizer().set_global(config)
+    return ResidualQuantizer().set_global(config)
 
 
 class QATModel(torch.nn.Module):
@@ -187,8 +229,46 @@ def export_onnx(model):
     with torch.no_grad():
         program = torch.onnx.export(copy.deepcopy(model), EXAMPLE, dynamo=True, verbose=False,
                                     input_names=["input"], output_names=["logits"], dynamic_shapes=({0: BATCH},))
-    graph = program.model_proto
+    graph = qdq_tail(program.model_proto)
     onnx.checker.check_model(graph, full_check=True)
+    return graph
+
+
+def qdq_tail(graph):
+    """The dynamo exporter's graph with its classifier in the forms ONNX Runtime fuses into int8 ops, as in the eager
+    file (QLinearGlobalAveragePool, QGemm); both rewrites are exact, the graph is changed in place.
+
+    - ReduceMean over the two spatial axes of a 4-d tensor (adaptive_avg_pool2d's export) is GlobalAveragePool.
+    - A Gemm's float bias between dequantized inputs becomes int32 behind a DequantizeLinear with the input scale x
+      weight scale: the form ONNX Runtime's QGemm fusion needs. The values are those int32_bias put on that grid."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    shapes = {v.name: len(v.type.tensor_type.shape.dim)
+              for v in onnx.shape_inference.infer_shapes(graph).graph.value_info}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    producer = {out: n for n in graph.graph.node for out in n.output}
+    nodes = []
+    for node in graph.graph.node:
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if (node.op_type == "ReduceMean" and keepdims == 1 and len(node.input) == 2 and shapes.get(node.input[0]) == 4
+                and sorted(np.asarray(inits.get(node.input[1], [])) % 4) == [2, 3]):
+            node = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+        dq = [producer.get(name) for name in node.input[:2]]
+        if (node.op_type == "Gemm" and len(node.input) == 3 and node.input[2] in inits
+                and all(d is not None and d.op_type == "DequantizeLinear" and d.input[1] in inits for d in dq)):
+            scale = (inits[dq[0].input[1]] * inits[dq[1].input[1]]).astype(np.float32).reshape(-1)
+            bias = node.input[2]
+            values = np.round(inits[bias].astype(np.float64) / scale).astype(np.int32)
+            graph.graph.initializer.extend([numpy_helper.from_array(values, bias + "_int32"),
+                                            numpy_helper.from_array(scale, bias + "_scale"),
+                                            numpy_helper.from_array(np.zeros_like(values), bias + "_zero_point")])
+            nodes.append(helper.make_node("DequantizeLinear", [bias + "_int32", bias + "_scale", bias + "_zero_point"],
+                                          [bias + "_dequantized"], name=bias + "_dequantize", axis=0))
+            node.input[2] = bias + "_dequantized"
+        nodes.append(node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
     return graph
 
 

@@ -17,12 +17,12 @@ class Plain(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-        self.fc = nn.Linear(8, 10)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
 
     def forward(self, x):
         x = self.stem(x)
         x = torch.relu(x + self.block(x))
-        return self.fc(x.mean((2, 3)))
+        return self.fc(self.pool(x).flatten(1))
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,19 @@ def test_onnx_file_is_checked_and_runs_in_onnx_runtime(trained):
     with torch.no_grad():
         expected = int8(x[:7])
     assert logits.shape == (7, 10) and (logits.argmax(1) == expected.argmax(1)).float().mean() >= 6 / 7
+
+
+def test_onnx_runtime_runs_every_layer_in_int8(trained, tmp_path):
+    """In ONNX Runtime's optimized graph every conv, the residual add, the pooling and the linear layer are int8
+    kernels: no float Conv, Add, ReduceMean or Gemm is left (ResidualQuantizer and qdq_tail)."""
+    import collections
+    import onnx
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(pt2e.export_onnx(pt2e.convert(trained[0])).SerializeToString(), opts,
+                         providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1, ops
+    assert ops["QLinearGlobalAveragePool"] == 1, ops
+    assert not {"Conv", "FusedConv", "Add", "ReduceMean", "GlobalAveragePool", "Gemm"} & set(ops), ops
