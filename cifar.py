@@ -436,8 +436,8 @@ def main(args, out):
 
     if "pt2e" in flows:
         with stages("pt2e"):  # 3-5 in the PT2E flow, and its files
-            entries, references["int8_pt2e"] = pt2e.run(fp32_model, report["history"], data, args, device, out,
-                                                        ckpt, clock)
+            entries, references["int8_pt2e"] = pt2e.run(fp32_model, report["history"], data, sqnr_images, args,
+                                                        device, out, ckpt, clock)
             report["history"] += entries.pop("history")
             for key, value in entries.items():
                 report[key] = {**report.get(key, {}), **value}

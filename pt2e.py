@@ -1,14 +1,16 @@
 """The PT2E flow (torchao), eager mode's successor: the float network captured by torch.export and quantized by
-X86InductorQuantizer (residual adds quantized as eager mode does), trained (prepare_qat_pt2e) or calibrated (prepare_pt2e), converted (convert_pt2e), and its
-deployable files: an AOTInductor package (.pt2) and an ONNX file from the dynamo exporter. It needs no QuantStub,
-fuse_model or FloatFunctional: any network torch.export can capture goes through. run() is the pipeline's pt2e
-stage (cifar.py, --flow pt2e|both); deploy.py verifies and times the files."""
+X86InductorQuantizer (residual adds quantized as eager mode does), trained (prepare_qat_pt2e) or calibrated
+(prepare_pt2e), converted (convert_pt2e); its per-layer error, and its deployable files: an AOTInductor package (.pt2)
+and an ONNX file from the dynamo exporter. It needs no QuantStub, fuse_model or FloatFunctional: any network
+torch.export can capture goes through. run() is the pipeline's pt2e stage (cifar.py, --flow pt2e|both); deploy.py
+verifies and times the files."""
 import copy
 import importlib.metadata
 import logging
 import warnings
 
 import torch
+from torch.ao.ns.fx.utils import compute_sqnr
 
 import deploy
 import export
@@ -198,6 +200,62 @@ def float_counterpart(qat_model):
     return inference_model(graph)
 
 
+# ---------------------------------------------------------------- per-layer error
+
+_LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def _layer_ends(graph, int8):
+    """{module path of each conv/linear: the node holding that layer's output as the next layer sees it}: after
+    batch norm (folded into the conv in int8 graphs) and relu, and in int8 graphs after quantize/dequantize."""
+    def follow(node, targets):
+        users = list(node.users)
+        return users[0] if len(users) == 1 and users[0].target in targets else node
+    ends = {}
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.target not in _LAYERS or not stack:
+            continue
+        end = node
+        if not int8:  # QAT graph: conv -> a few ops (weight-scale correction, bias) -> batch_norm
+            for _ in range(6):
+                if len(end.users) != 1:
+                    break
+                end = next(iter(end.users))
+                if end.target is torch.ops.aten.batch_norm.default:
+                    break
+            end = end if end.target is torch.ops.aten.batch_norm.default else node
+        end = follow(end, (torch.ops.aten.relu.default,))
+        quantized = follow(end, (torch.ops.quantized_decomposed.quantize_per_tensor.default,)) if int8 else end
+        end = next(iter(quantized.users)) if quantized is not end else end  # the dequantized value
+        ends[list(stack.values())[-1][0]] = end
+    return ends
+
+
+def layer_outputs(graph, images, int8):
+    """{module path: float output} of every conv/linear layer of an exported graph on images (_layer_ends)."""
+    ends = _layer_ends(graph, int8)
+    wanted, values = {node: name for name, node in ends.items()}, {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in wanted:
+                values[wanted[node]] = value
+            return value
+    with torch.no_grad():
+        Recorder(graph).run(images)
+    return values
+
+
+def layer_sqnr(reference, int8_model, images):
+    """SQNR (dB) of the PT2E int8 graph at each conv/linear layer against reference ({module path: float output} on
+    the same images), in network order. The paths are the float model's, as eager mode's layer names."""
+    got = layer_outputs(int8_model, images, int8=True)
+    return [dict(layer=name, sqnr_db=compute_sqnr(reference[name], value).item())
+            for name, value in got.items() if name in reference]
+
+
 @torch.no_grad()
 def calibrate_ptq(fp32_model, batches, reduce_range):
     """The PT2E PTQ int8 reference: captured in inference form (batch norm folded), observers fed `batches`."""
@@ -269,6 +327,10 @@ def qdq_tail(graph):
         nodes.append(node)
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.graph.initializer if i.name in used]  # the float bias and the mean's axes
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
     return graph
 
 
@@ -294,11 +356,11 @@ def train_qat(fp32_model, earlier, data, args, device, out, ckpt=None, clock=Non
     return model.cpu(), history
 
 
-def run(fp32_model, earlier, data, args, device, out, ckpt=None, clock=None):
+def run(fp32_model, earlier, data, sqnr_images, args, device, out, ckpt=None, clock=None):
     """--flow pt2e|both: QAT, int8 conversion and the PTQ baseline in torchao's PT2E flow from the same float model,
     and its files: qat_pt2e.pt (the QAT graph's state_dict), int8_pt2e.pt2 and fp32.pt2 (AOTInductor packages),
     int8_pt2e.onnx (the dynamo exporter's, verified in ONNX Runtime). Returns (report entries, the int8 reference's
-    test-set predictions)."""
+    test-set predictions); the per-layer error is measured on sqnr_images (normalized), as eager mode's."""
     (test_images, test_labels), hint = data["test"], training.divergence_hint(args, "qat")
     qat_model, history = train_qat(fp32_model, earlier, data, args, device, out, ckpt, clock)
     training.check_finite(qat_model, "the PT2E QAT model", hint)
@@ -310,6 +372,8 @@ def run(fp32_model, earlier, data, args, device, out, ckpt=None, clock=None):
     graph = export_onnx(int8_model)
     onnx_preds = deploy.ort_predict(graph, test_images, args.threads)
     export.save_onnx(graph, out / "int8_pt2e.onnx")
+    reference = layer_outputs(float_counterpart(qat_model), sqnr_images, int8=False)
+    sqnr = dict(pt2e_qat=layer_sqnr(reference, int8_model, sqnr_images))
     qat_top1 = history[-1]["test_acc"] if history else training.accuracy(qat_model, data["test"])
     accuracy = dict(pt2e_qat_fake_quant=qat_top1, pt2e_int8=training.top1(preds, test_labels),
                     pt2e_int8_onnx=training.top1(onnx_preds, test_labels))
@@ -317,8 +381,10 @@ def run(fp32_model, earlier, data, args, device, out, ckpt=None, clock=None):
         batches = calibration_batches(data["train"][0], args.batch_size, args.ptq_batches, args.seed)
         ptq_model = calibrate_ptq(fp32_model, batches, args.pt2e_reduce_range)
         accuracy["pt2e_ptq_int8"] = training.accuracy(ptq_model, data["test"])
+        reference = layer_outputs(capture(fp32_model, train=False), sqnr_images, int8=False)
+        sqnr = dict(pt2e_ptq=layer_sqnr(reference, ptq_model, sqnr_images), **sqnr)
     pace = [h["images_per_s"] for h in history]
-    return dict(history=history, accuracy=accuracy, agreement=dict(pt2e_int8_onnx_vs_torch=training.top1(
+    return dict(history=history, accuracy=accuracy, layer_sqnr=sqnr, agreement=dict(pt2e_int8_onnx_vs_torch=training.top1(
                     onnx_preds, preds)),
                 train_images_per_s=dict(qat_pt2e=sum(pace) / len(pace)) if pace else {},
                 artifacts=dict(pt2e_qat_state_dict="qat_pt2e.pt", pt2e_int8_aoti="int8_pt2e.pt2",

@@ -51,7 +51,7 @@ def platform_cpu():
 
 # ---------------------------------------------------------------- report.json and report.md
 
-WORST_LAYERS = 10  # report.md lists this many of each method's layers, lowest SQNR first
+WORST_LAYERS = 5  # report.md lists this many of each method's layers, lowest SQNR first
 
 
 def save_report(report, out, plots=False):
@@ -104,7 +104,8 @@ def report_markdown(r):
         lines += [f"| {k} | {v:.4f} |" for k, v in r["agreement"].items()]
     if r.get("layer_sqnr"):
         lines += ["", f"Per-layer quantization error: SQNR (dB) of each int8 conv/linear output against its own float "
-                  f"counterpart (PTQ: the BN-folded float model; QAT: the QAT model without fake quantization), on "
+                  f"counterpart (PTQ: the BN-folded float model; QAT: the QAT model without fake quantization; PT2E_*: the "
+                  f"same, from the exported graphs), on "
                   f"{r['layer_sqnr_images']} test images; the {WORST_LAYERS} worst layers (layer_sqnr.png: all)", ""]
         worst = [[method.upper(), row["layer"], f"{row['sqnr_db']:.1f}"] for method, rows in r["layer_sqnr"].items()
                  for row in sorted(rows, key=lambda row: row["sqnr_db"])[:WORST_LAYERS]]

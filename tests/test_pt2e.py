@@ -141,3 +141,23 @@ def test_onnx_runtime_runs_every_layer_in_int8(trained, tmp_path):
     assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1, ops
     assert ops["QLinearGlobalAveragePool"] == 1, ops
     assert not {"Conv", "FusedConv", "Add", "ReduceMean", "GlobalAveragePool", "Gemm"} & set(ops), ops
+
+
+def test_layer_sqnr_compares_each_layer_with_the_qat_models_own_float_network(trained):
+    """One figure per conv/linear, named by module path; high against the QAT model's own float network, and it drops
+    when one layer's output scale is made 50x coarser (from that layer on)."""
+    qat, x = trained
+    reference = pt2e.layer_outputs(pt2e.float_counterpart(qat), x, int8=False)
+    int8 = pt2e.convert(qat)
+    rows = pt2e.layer_sqnr(reference, int8, x)
+    assert [r["layer"] for r in rows] == ["stem.0", "block.0", "fc"]
+    assert min(r["sqnr_db"] for r in rows) > 15, rows
+    dequantize = pt2e._layer_ends(int8, int8=True)["block.0"]  # conv -> quantize -> dequantize
+    quantize = dequantize.args[0]
+    assert quantize.target is torch.ops.quantized_decomposed.quantize_per_tensor.default
+    for node in (quantize, dequantize):
+        node.update_arg(1, node.args[1] * 50)
+    int8.recompile()
+    coarse = {r["layer"]: r["sqnr_db"] for r in pt2e.layer_sqnr(reference, int8, x)}
+    assert coarse["stem.0"] == pytest.approx(rows[0]["sqnr_db"])
+    assert coarse["block.0"] < rows[1]["sqnr_db"] - 15, (coarse, rows)
