@@ -12,7 +12,8 @@
 8. report      report.json, report.md, plots
 
 This file holds the command line, the recipe and the stages; their pieces live in one module per concern: data.py,
-models.py, pt2e.py, training.py, schedule.py (ETA, --time-budget), export.py (ONNX), deploy.py, report.py, utils.py.
+models.py, eager.py and pt2e.py (the two quantization flows), training.py, schedule.py (ETA, --time-budget), export.py
+(ONNX), deploy.py, report.py, utils.py.
 
     python cifar.py                      # the full default pipeline for model_name
     python cifar.py --epochs 3 --qat-epochs 1 --train-subset 4000 --test-subset 1000   # quick tour
@@ -29,17 +30,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.ao import quantization as tq
-from torch.ao.nn.intrinsic import qat as nniqat
 
 import deploy
+import eager
 import export
 import models
 import pt2e
 import schedule
 import training
 import utils
-from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, calibration_batches, find_layout, load_cifar10, normalize
+from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, find_layout, load_cifar10, normalize
 from report import deploy_table, environment, recommendation_lines, save_report, summary
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
@@ -271,57 +271,7 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
     return model.cpu().to(memory_format=torch.contiguous_format), history
 
 
-def train_qat(fp32_model, fp32_history, data, args, device, out, ckpt=None, clock=None):
-    """Fuse + fbgemm fake-quant, then fine-tune at a small cosine-decayed LR.
-
-    As in torchvision's quantization reference, the ranges (observers) and BN statistics are frozen for the
-    last epochs so the weights settle against fixed quantization grids.
-    """
-    model = models.create_model(args.model)
-    model.load_state_dict(fp32_model.state_dict())
-    models.prepare_quantization(model, qat=True, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
-    model.to(device, memory_format=torch.channels_last)
-    optimizer, batches, scheduler = training.qat_recipe(model, data, args, device)
-
-    def before_epoch(epoch):
-        observe = epoch <= args.qat_freeze_observer_after
-        model.apply(tq.enable_observer if observe else tq.disable_observer)
-        if epoch > args.qat_freeze_bn_after:
-            model.apply(nniqat.freeze_bn_stats)
-
-    fresh = ckpt and not ckpt.get("restart_qat")
-    if fresh and ckpt["stage"] == "qat_pt2e":  # --flow both: the eager QAT finished before the PT2E one began
-        model.load_state_dict(training.load_state_dict(out / "qat.pt", model))
-        model.apply(tq.disable_observer)
-        return model.cpu(), [h for h in ckpt["history"] if h["stage"] == "qat"]
-    resume = ckpt if fresh and ckpt["stage"] == "qat" else None
-    with training.dead_taps_cut(model, torch.zeros(1, 3, 32, 32, device=device)):  # as train_float
-        history = training.fit(model, optimizer, scheduler, batches, data, args, device, "qat", args.qat_epochs, out,
-                               resume, fp32_history, before_epoch, clock, lambda: model.apply(tq.disable_observer))
-    model.apply(tq.disable_observer)
-    return model.cpu(), history
-
-
-def calibrate_ptq(fp32_model, data, args):
-    """Post-training quantization baseline: eval-mode fusion, observers fed un-augmented training batches."""
-    model = copy.deepcopy(fp32_model).cpu()
-    models.prepare_quantization(model, qat=False, weight_bits=args.weight_bits, reduce_range=args.reduce_range)
-    with torch.no_grad():
-        for x in calibration_batches(data["train"][0], args.batch_size, args.ptq_batches, args.seed):
-            model(x)
-    int8_model = models.convert_int8(model)
-    training.check_finite(int8_model, "the PTQ int8 model", "check the float model and the data")
-    return int8_model
-
-
 SQNR_IMAGES = 256  # the first test images: the fixed batch of the per-layer quantization error
-
-
-def quantize_int8(qat_model, args):
-    """Convert the QAT model to int8 on the CPU; returns the eager int8 model and its TorchScript form."""
-    training.check_finite(qat_model, "the QAT model", training.divergence_hint(args, "qat"))
-    int8_model = models.convert_int8(qat_model)
-    return int8_model, models.to_torchscript(int8_model)
 
 
 def setup_distributed(args):
@@ -398,7 +348,7 @@ def main(args, out):
 
     if "eager" in flows:
         with stages("qat_train"):  # 3. QAT fine-tuning
-            qat_model, history = train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
+            qat_model, history = eager.train_qat(fp32_model, fp32_history, data, args, device, out, ckpt, clock)
             if dist.is_initialized():  # training is over: the other processes end here; rank 0 takes their cores
                 dist.barrier()
                 dist.destroy_process_group()
@@ -414,7 +364,7 @@ def main(args, out):
                 qat_model, data["test"])
 
         with stages("convert"):  # 4. int8 conversion, TorchScript
-            int8_model, int8_ts = quantize_int8(qat_model, args)
+            int8_model, int8_ts = eager.quantize_int8(qat_model, args)
             int8_preds = references["int8"] = training.predict(int8_model, test_images)
             onnx_models["int8"] = int8_model, int8_preds
             utils.torch_save(int8_ts, out / "int8.pt")
@@ -428,7 +378,7 @@ def main(args, out):
 
         if not args.no_ptq:
             with stages("ptq"):  # 5. PTQ baseline from the same float weights
-                ptq_model = calibrate_ptq(fp32_model, data, args)
+                ptq_model = eager.calibrate_ptq(fp32_model, data, args)
                 report["accuracy"]["ptq_int8"] = training.accuracy(ptq_model, data["test"])
                 report["layer_sqnr"] = {"ptq": models.layer_sqnr(models.folded(fp32_model), ptq_model, sqnr_images,
                                                                  layers), **report["layer_sqnr"]}

@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cifar  # noqa: E402
+import eager  # noqa: E402
 import pt2e  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
@@ -31,8 +32,8 @@ def fine_tune(flow, fp32_model, data, args):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:  # the QAT stages checkpoint each epoch; nothing of it is kept
         if flow == "eager":
-            qat_model, history = cifar.train_qat(fp32_model, [], data, args, torch.device("cpu"), Path(out))
-            int8 = cifar.quantize_int8(qat_model, args)[0]
+            qat_model, history = eager.train_qat(fp32_model, [], data, args, torch.device("cpu"), Path(out))
+            int8 = eager.quantize_int8(qat_model, args)[0]
         else:
             qat_model, history = pt2e.train_qat(fp32_model, [], data, args, torch.device("cpu"), Path(out))
             int8 = pt2e.convert(qat_model)

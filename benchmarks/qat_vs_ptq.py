@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cifar  # noqa: E402
+import eager  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 import training  # noqa: E402
@@ -30,13 +31,13 @@ import utils  # noqa: E402
 def quantize(fp32_model, data, argv, seed, bits):
     """(PTQ int8 top-1, QAT int8 top-1, QAT seconds) of one seed and bit width."""
     args = cifar.parse_args([*argv, "--seed", str(seed), "--weight-bits", str(bits)])
-    ptq = training.accuracy(cifar.calibrate_ptq(fp32_model, data, args), data["test"])
+    ptq = training.accuracy(eager.calibrate_ptq(fp32_model, data, args), data["test"])
     torch.manual_seed(seed)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:  # train_qat checkpoints each epoch; nothing of it is kept
-        qat_model, _ = cifar.train_qat(fp32_model, [], data, args, torch.device("cpu"), Path(out))
+        qat_model, _ = eager.train_qat(fp32_model, [], data, args, torch.device("cpu"), Path(out))
     qat_s = time.perf_counter() - start
-    qat = training.accuracy(cifar.quantize_int8(qat_model, args)[0], data["test"])
+    qat = training.accuracy(eager.quantize_int8(qat_model, args)[0], data["test"])
     return ptq, qat, qat_s
 
 

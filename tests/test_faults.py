@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cifar
+import eager
 import export
 import models
 import utils
@@ -57,7 +58,7 @@ def test_non_finite_weights_are_refused_before_conversion():
     scale = next(m for m in qat.modules() if isinstance(m, torch.ao.quantization.FakeQuantize)).scale
     scale.fill_(float("nan"))
     with pytest.raises(utils.Diverged, match="the QAT model holds non-finite values"):
-        cifar.quantize_int8(qat, args)
+        eager.quantize_int8(qat, args)
 
 
 class FullDisk:

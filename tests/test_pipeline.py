@@ -17,6 +17,7 @@ import torch.ao.nn.quantized as nnq
 import cifar
 import data
 import deploy
+import eager
 import export
 import models
 import pt2e
@@ -234,7 +235,7 @@ def fitted(request, cifar_dir, tmp_path_factory):
                              "--crop-padding", "0", "--lr", "0.02" if model == "resnet18" else "0.05"])
     fp32, history = cifar.train_float(args, splits, torch.device("cpu"), out)
     assert history[-1]["test_acc"] >= 0.9, history[-1]  # its "test" images are the 100 it fitted: a broken loop fails
-    qat, _ = cifar.train_qat(fp32, history, splits, args, torch.device("cpu"), out)
+    qat, _ = eager.train_qat(fp32, history, splits, args, torch.device("cpu"), out)
     int8 = models.convert_int8(qat)
     for name, m in (("int8", int8), ("fp32", fp32)):
         export.save_onnx(export.export_onnx(models.onnx_exportable(m), name)[0], out / f"{name}.onnx")

@@ -8,6 +8,7 @@ from torch import nn
 from torch.ao import quantization as tq
 
 import cifar
+import eager
 import models
 import training
 
@@ -79,6 +80,6 @@ def test_a_last_batch_of_one_image_trains_and_is_said_once(data_dir, tmp_path, c
                              "--train-subset", "65", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path)])
     splits = cifar.load_data(args)
     fp32, history = cifar.train_float(args, splits, torch.device("cpu"), tmp_path)
-    _, qat_history = cifar.train_qat(fp32, history, splits, args, torch.device("cpu"), tmp_path)
+    _, qat_history = eager.train_qat(fp32, history, splits, args, torch.device("cpu"), tmp_path)
     assert capsys.readouterr().out.count("leave a last batch of 1, too few for batch norm") == 1
     assert len(history) == len(qat_history) == 1 and all(math.isfinite(h["loss"]) for h in history + qat_history)
