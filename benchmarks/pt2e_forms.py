@@ -3,7 +3,8 @@ operator type in int8_pt2e.onnx against the eager int8.onnx.
 
 Reads a finished `--flow both` run folder. (1) Times, interleaved in this process, the eager int8 TorchScript file
 under fbgemm and onednn, the run's int8_pt2e.pt2 (dynamic batch) and packages of the same PT2E int8 model compiled
-here for one static batch size each. (2) Runs both ONNX files in ONNX Runtime with its profiler and sums the
+here for one static batch size each. (2) Counts, from oneDNN's log, the primitives the eager onednn file and the
+package create and run per call, and their kernel time. (3) Runs both ONNX files in ONNX Runtime with its profiler and sums the
 kernel time per operator type (after ONNX Runtime's graph optimizations: which Q/DQ groups became QLinearConv).
 
     python benchmarks/pt2e_forms.py save_models/mobilenet_v2
@@ -11,6 +12,8 @@ kernel time per operator type (after ONNX Runtime's graph optimizations: which Q
 import argparse
 import collections
 import json
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -67,6 +70,38 @@ def ort_profile(path, batch, threads, calls):
     return per_op, ops
 
 
+ONEDNN_CALLS = """
+import ctypes, sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+if sys.argv[1].endswith(".pt2"):
+    model = torch._inductor.aoti_load_package(sys.argv[1])
+else:
+    torch.backends.quantized.engine = "onednn"
+    model = torch.jit.load(sys.argv[1])
+x = torch.randn(int(sys.argv[2]), 3, 32, 32)
+with torch.inference_mode():
+    for _ in range(5):
+        model(x)
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        for _ in range(3):  # the first calls with the log on are slow: oneDNN sets up its logging
+            model(x)
+        ctypes.CDLL(None).printf(b"-- timed calls --\\n")  # through C's stdout buffer, in order with oneDNN's lines
+        for _ in range(int(sys.argv[4])):
+            model(x)
+"""
+VERBOSE_LINE = re.compile(r"^onednn_verbose,(?:v1,)?primitive,(create[^,]*|exec),.*,([0-9.]+)$")
+
+
+def onednn_work(path, batch, threads, calls=3):
+    """(oneDNN primitives created per call, executed per call, ms of kernel execution per call) of one model file
+    after warm-up, from oneDNN's own log of the timed calls, in a child process."""
+    log = subprocess.run([sys.executable, "-c", ONEDNN_CALLS, str(path), str(batch), str(threads), str(calls)],
+                         capture_output=True, text=True, check=True).stdout
+    events = [m.groups() for m in map(VERBOSE_LINE.match, log.split("-- timed calls --")[1].splitlines()) if m]
+    executed = [float(ms) for kind, ms in events if kind == "exec"]
+    return sum(kind != "exec" for kind, _ in events) / calls, len(executed) / calls, sum(executed) / calls
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -94,6 +129,11 @@ def main():
             x = torch.randn(b, 3, 32, 32)
             times = deploy.time_interleaved({k: (lambda f=f: f(x)) for k, f in forms.items()}, 20, a.runs, 5, 0.01)
             print(f"| {b} | " + " | ".join(f"{t['median']:.3f}" for t in times.values()) + " |", flush=True)
+    print("\noneDNN per call (ONEDNN_VERBOSE=all): primitives created, executed, kernel ms")
+    print("| batch | eager onednn (int8.pt) | AOTI dynamic batch (int8_pt2e.pt2) |\n|---|---|---|")
+    for b in a.batch_sizes:
+        work = [onednn_work(a.run_dir / name, b, a.threads) for name in ("int8.pt", "int8_pt2e.pt2")]
+        print(f"| {b} | " + " | ".join(f"{c:.0f} created, {e:.0f} run, {ms:.3f} ms" for c, e, ms in work) + " |")
     for b in a.batch_sizes:
         profiles = {name: ort_profile(a.run_dir / name, b, a.threads, a.runs)
                     for name in ("int8.onnx", "int8_pt2e.onnx")}

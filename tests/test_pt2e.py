@@ -1,5 +1,6 @@
 """The PT2E flow on a small network written without QuantStub, fuse_model or FloatFunctional: QAT switches, bias grid,
 conversion and the AOTInductor package loaded without project code."""
+import copy
 import subprocess
 import sys
 
@@ -44,6 +45,17 @@ def trained():
     return qat, x
 
 
+@pytest.fixture(scope="module")
+def int8(trained):
+    """trained's int8 reference, converted once: convert_pt2e exports its ~100 conv-bn patterns on every call (~20 s)."""
+    return pt2e.convert(trained[0])
+
+
+@pytest.fixture(scope="module")
+def onnx_graph(int8):
+    return pt2e.export_onnx(int8)
+
+
 def batch_norm_args(qat):
     return [n.args[5] for n in qat.graph.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
 
@@ -76,18 +88,16 @@ def test_observe_off_holds_the_ranges(trained):
     assert all(torch.equal(v, qat.state_dict()[k]) for k, v in scales.items())
 
 
-def test_converted_model_agrees_with_the_fake_quant_model(trained):
+def test_converted_model_agrees_with_the_fake_quant_model(trained, int8):
     qat, x = trained
-    int8 = pt2e.convert(qat)
     with torch.no_grad():
         fake, real = qat.eval()(x), int8(x)
     assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.95
     assert torch.allclose(fake, real, atol=0.1 * fake.abs().max().item())
 
 
-def test_biases_lie_on_the_int32_grid(trained):
+def test_biases_lie_on_the_int32_grid(int8):
     """Every conv/linear bias is an integer multiple of input scale x weight scale, as ONNX Runtime holds it."""
-    int8 = pt2e.convert(trained[0])
     checked = 0
     for node in int8.graph.nodes:
         if node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
@@ -99,9 +109,8 @@ def test_biases_lie_on_the_int32_grid(trained):
     assert checked == 3
 
 
-def test_aoti_package_loads_without_project_code(trained, tmp_path):
-    qat, x = trained
-    int8 = pt2e.convert(qat)
+def test_aoti_package_loads_without_project_code(trained, int8, tmp_path):
+    x = trained[1]
     pt2e.save_aoti(int8, tmp_path / "m.pt2")
     torch.save(x[:5], tmp_path / "x.pt")
     code = ("import sys, torch\nrunner = torch._inductor.aoti_load_package(sys.argv[1])\n"
@@ -115,19 +124,17 @@ def test_aoti_package_loads_without_project_code(trained, tmp_path):
         assert torch.allclose(torch.load(tmp_path / "y.pt"), int8(x[:5]), atol=1e-4)
 
 
-def test_onnx_file_is_checked_and_runs_in_onnx_runtime(trained):
+def test_onnx_file_is_checked_and_runs_in_onnx_runtime(trained, int8, onnx_graph):
     import onnxruntime as ort
-    qat, x = trained
-    int8 = pt2e.convert(qat)
-    graph = pt2e.export_onnx(int8)
-    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = trained[1]
+    session = ort.InferenceSession(onnx_graph.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = torch.from_numpy(session.run(None, {"input": x[:7].numpy()})[0])
     with torch.no_grad():
         expected = int8(x[:7])
     assert logits.shape == (7, 10) and (logits.argmax(1) == expected.argmax(1)).float().mean() >= 6 / 7
 
 
-def test_onnx_runtime_runs_every_layer_in_int8(trained, tmp_path):
+def test_onnx_runtime_runs_every_layer_in_int8(onnx_graph, tmp_path):
     """In ONNX Runtime's optimized graph every conv, the residual add, the pooling and the linear layer are int8
     kernels: no float Conv, Add, ReduceMean or Gemm is left (ResidualQuantizer and qdq_tail)."""
     import collections
@@ -135,7 +142,7 @@ def test_onnx_runtime_runs_every_layer_in_int8(trained, tmp_path):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(pt2e.export_onnx(pt2e.convert(trained[0])).SerializeToString(), opts,
+    ort.InferenceSession(onnx_graph.SerializeToString(), opts,
                          providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1, ops
@@ -143,15 +150,15 @@ def test_onnx_runtime_runs_every_layer_in_int8(trained, tmp_path):
     assert not {"Conv", "FusedConv", "Add", "ReduceMean", "GlobalAveragePool", "Gemm"} & set(ops), ops
 
 
-def test_layer_sqnr_compares_each_layer_with_the_qat_models_own_float_network(trained):
+def test_layer_sqnr_compares_each_layer_with_the_qat_models_own_float_network(trained, int8):
     """One figure per conv/linear, named by module path; high against the QAT model's own float network, and it drops
     when one layer's output scale is made 50x coarser (from that layer on)."""
     qat, x = trained
     reference = pt2e.layer_outputs(pt2e.float_counterpart(qat), x, int8=False)
-    int8 = pt2e.convert(qat)
     rows = pt2e.layer_sqnr(reference, int8, x)
     assert [r["layer"] for r in rows] == ["stem.0", "block.0", "fc"]
     assert min(r["sqnr_db"] for r in rows) > 15, rows
+    int8 = copy.deepcopy(int8)  # changed below
     dequantize = pt2e._layer_ends(int8, int8=True)["block.0"]  # conv -> quantize -> dequantize
     quantize = dequantize.args[0]
     assert quantize.target is torch.ops.quantized_decomposed.quantize_per_tensor.default
