@@ -41,6 +41,7 @@ import training
 import utils
 from data import DEFAULT_CACHE_DIR, Batches, balanced_subset, find_layout, load_cifar10, normalize
 from report import deploy_table, environment, recommendation_lines, save_report, summary
+from training import LOCAL_RANK, LOCAL_WORLD_SIZE, RANK, TORCHRUN, WORLD_SIZE  # torchrun's environment
 
 model_name = "mobilenet_v2"  # or "resnet18"; --model overrides it
 
@@ -63,13 +64,6 @@ DEFAULTS = {
         crop_padding=2,     # 15 epochs underfit with 4 (train accuracy = held-out); 2: +0.5 point, 2 seeds
         cutout=0),          # Cutout (--cutout 8) pays only in long runs, which overfit without it (40 epochs)
 }
-
-
-# torchrun's environment; a plain run is one process.
-WORLD_SIZE, RANK = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
-LOCAL_WORLD_SIZE = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-TORCHRUN = "LOCAL_RANK" in os.environ
 
 
 class Parser(argparse.ArgumentParser):
@@ -274,24 +268,6 @@ def train_float(args, data, device, out, ckpt=None, clock=None):
 SQNR_IMAGES = 256  # the first test images: the fixed batch of the per-layer quantization error
 
 
-def setup_distributed(args):
-    """The training device, and under torchrun the process group (gloo on the CPU, nccl on CUDA, one GPU per
-    process); a plain run has none. Returns (device, report["distributed"])."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", LOCAL_RANK if TORCHRUN else 0) if use_cuda else torch.device("cpu")
-    if TORCHRUN:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    elif args.sync_bn:
-        print("note: --sync-bn has no effect in a single process (it is for torchrun)")
-        args.sync_bn = False
-    return device, dict(world_size=WORLD_SIZE, backend=dist.get_backend() if TORCHRUN else None,
-                        threads_per_process=args.threads,
-                        batch_per_process=args.batch_size, global_batch=args.batch_size * WORLD_SIZE,
-                        sync_bn=args.sync_bn, lr=args.lr, qat_lr=args.qat_lr)
-
-
 def main(args, out):
     """The pipeline, stage by stage; the stage names are the keys of report.json's "seconds".
 
@@ -299,7 +275,7 @@ def main(args, out):
     started = time.time()
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = models.ENGINE
-    device, distributed = setup_distributed(args)
+    device, distributed = training.setup_distributed(args)
     main_process = utils.get_rank() == 0
     ckpt = training.load_checkpoint(args, out)
     stages = utils.Stages()

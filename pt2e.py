@@ -5,6 +5,7 @@ and an ONNX file from the dynamo exporter. It needs no QuantStub, fuse_model or 
 torch.export can capture goes through. run() is the pipeline's pt2e stage (cifar.py, --flow pt2e|both); deploy.py
 verifies and times the files."""
 import copy
+import functools
 import importlib.metadata
 import logging
 import warnings
@@ -37,11 +38,30 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor")
 
 import torchao  # noqa: E402
 import torchao.quantization.pt2e as ao  # noqa: E402
+from torchao.quantization.pt2e import qat_utils  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
 from torchao.quantization.pt2e.quantizer import get_input_act_qspec, get_output_act_qspec  # noqa: E402
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # noqa: E402
     QUANT_ANNOTATION_KEY, X86InductorQuantizer, _is_any_annotated, _X86InductorQuantizationAnnotation,
     get_default_x86_inductor_quantization_config)
+
+
+def _only_where_present(rewrite):
+    """torchao's conv + batch-norm rewrite for one kind of conv, run only on graphs that have that kind.
+
+    prepare_qat_pt2e and convert_pt2e try conv1d, conv2d and both transposed convs, each with up to 12 pattern
+    variants that torch.export traces anew on every call: 13 of the 18 s MobileNetV2's convert took went to
+    patterns that cannot match. Skipping them changes nothing in the graph (tests/test_pt2e.py)."""
+    @functools.wraps(rewrite)
+    def run(graph, conv_fn, *args, **kwargs):
+        if any(getattr(node.target, "__name__", "").split(".")[0] == conv_fn.__name__ for node in graph.graph.nodes):
+            return rewrite(graph, conv_fn, *args, **kwargs)
+        return graph
+    return run
+
+
+qat_utils._fuse_conv_bn_qat_helper = _only_where_present(qat_utils._fuse_conv_bn_qat_helper)
+qat_utils._fold_conv_bn_qat_helper = _only_where_present(qat_utils._fold_conv_bn_qat_helper)
 
 TORCHAO, ONNXSCRIPT = torchao.__version__, importlib.metadata.version("onnxscript")
 # Any batch size the files will be called with; 1024 bounds what inductor specialises for.
@@ -91,13 +111,15 @@ class ResidualQuantizer(X86InductorQuantizer):
         users = list(node.users)
         relu = users[0] if len(users) == 1 and users[0].target is torch.ops.aten.relu.default else None
 
-        def annotation(**kw):
-            return _X86InductorQuantizationAnnotation(_annotated=True, _is_output_of_quantized_pattern=True, **kw)
+        def annotation(output, **kw):
+            return _X86InductorQuantizationAnnotation(_annotated=True, _is_output_of_quantized_pattern=output,
+                                                      output_qspec=get_output_act_qspec(config) if output else None,
+                                                      **kw)
         # add -> relu is quantized after the relu, as eager mode's add_relu; runtimes fold the relu into the add
-        node.meta[QUANT_ANNOTATION_KEY] = annotation(input_qspec_map={a: get_input_act_qspec(config) for a in inputs},
-                                                     output_qspec=None if relu else get_output_act_qspec(config))
+        node.meta[QUANT_ANNOTATION_KEY] = annotation(relu is None,
+                                                     input_qspec_map={a: get_input_act_qspec(config) for a in inputs})
         if relu is not None:
-            relu.meta[QUANT_ANNOTATION_KEY] = annotation(output_qspec=get_output_act_qspec(config))
+            relu.meta[QUANT_ANNOTATION_KEY] = annotation(True)
 
 
 def quantizer(qat, reduce_range):

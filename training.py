@@ -1,10 +1,11 @@
 """Training and evaluation: the epoch loop with its loss guard and checkpoints, predictions and top-1, the dead-tap cut,
 and what torchrun needs (DDP, buffer broadcast, CPU SyncBatchNorm). The stages that use them (float training, QAT)
-are in cifar.py; the run clock and --time-budget in schedule.py."""
+are in cifar.py, eager.py and pt2e.py; the run clock and --time-budget in schedule.py."""
 import contextlib
 import copy
 import functools
 import math
+import os
 import time
 
 import torch
@@ -232,6 +233,31 @@ def divergence_hint(args, stage):
 
 
 # ---------------------------------------------------------------- torchrun
+
+# torchrun's environment; a plain run is one process.
+WORLD_SIZE, RANK = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+LOCAL_WORLD_SIZE = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+TORCHRUN = "LOCAL_RANK" in os.environ
+
+
+def setup_distributed(args):
+    """The training device, and under torchrun the process group (gloo on the CPU, nccl on CUDA, one GPU per
+    process); a plain run has none. Returns (device, report["distributed"])."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", LOCAL_RANK if TORCHRUN else 0) if use_cuda else torch.device("cpu")
+    if TORCHRUN:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    elif args.sync_bn:
+        print("note: --sync-bn has no effect in a single process (it is for torchrun)")
+        args.sync_bn = False
+    return device, dict(world_size=WORLD_SIZE, backend=dist.get_backend() if TORCHRUN else None,
+                        threads_per_process=args.threads,
+                        batch_per_process=args.batch_size, global_batch=args.batch_size * WORLD_SIZE,
+                        sync_bn=args.sync_bn, lr=args.lr, qat_lr=args.qat_lr)
+
 
 def all_reduce_stats(*values):
     """Sums of a few numbers over the processes of the job (float64, so that counts stay exact)."""

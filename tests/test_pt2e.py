@@ -47,7 +47,7 @@ def trained():
 
 @pytest.fixture(scope="module")
 def int8(trained):
-    """trained's int8 reference, converted once: convert_pt2e exports its ~100 conv-bn patterns on every call (~20 s)."""
+    """trained's int8 reference, converted once (~5 s: convert_pt2e traces its conv-bn patterns on every call)."""
     return pt2e.convert(trained[0])
 
 
@@ -94,6 +94,18 @@ def test_converted_model_agrees_with_the_fake_quant_model(trained, int8):
         fake, real = qat.eval()(x), int8(x)
     assert (fake.argmax(1) == real.argmax(1)).float().mean() >= 0.95
     assert torch.allclose(fake, real, atol=0.1 * fake.abs().max().item())
+
+
+def test_conversion_folds_every_batch_norm_and_the_skipped_rewrites_match_nothing(trained, int8):
+    """pt2e skips torchao's conv-bn rewrites for conv kinds a graph lacks: conv2d's still folds every batch norm,
+    and the unwrapped conv1d rewrite, run on the QAT graph, leaves it as it was."""
+    assert not [n for n in int8.graph.nodes if "batch_norm" in str(n.target)]
+    from torchao.quantization.pt2e import qat_utils
+    graph = copy.deepcopy(trained[0].graph)
+    before = graph.code
+    example = (torch.randn(1, 1, 3), torch.randn(1, 1, 1), *[torch.randn(1)] * 4)
+    graph = qat_utils._fold_conv_bn_qat_helper.__wrapped__(graph, torch.nn.functional.conv1d, example, is_cuda=False)
+    assert graph.code == before
 
 
 def test_biases_lie_on_the_int32_grid(int8):
