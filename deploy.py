@@ -224,8 +224,9 @@ def deploy_forms(fp32_model, out, args):
                 return {b: openvino_runner(c) for b, (c, _) in compiled.items()}, compiled[sizes[0]][1]
             add(f"openvino_{name}{suffix}", "openvino", "bf16" if name == "bf16" else reference.split("_")[0], latency,
                 reference=reference)
-    for name, file, reference, hint_precision in ov_variants[:2]:
-        # the throughput hint splits the CPU into streams: a batch is cut into one request per stream
+    for name, file, reference, hint_precision in [v for v in ov_variants if v[0] in ("fp32", "int8", "pt2e_int8")]:
+        # the throughput hint (fp32 and each flow's int8 file) splits the CPU into streams: a batch is cut into one
+        # request per stream
         def throughput(file=file, hint_precision=hint_precision):
             _, probe = openvino_compile(out / file, args.threads, 1, "THROUGHPUT", hint_precision)
             n = probe["streams"]

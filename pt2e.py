@@ -60,8 +60,10 @@ def _only_where_present(rewrite):
     return run
 
 
-qat_utils._fuse_conv_bn_qat_helper = _only_where_present(qat_utils._fuse_conv_bn_qat_helper)
-qat_utils._fold_conv_bn_qat_helper = _only_where_present(qat_utils._fold_conv_bn_qat_helper)
+# private names: a torchao without them runs as it is
+for _rewrite in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper"):
+    if hasattr(qat_utils, _rewrite):
+        setattr(qat_utils, _rewrite, _only_where_present(getattr(qat_utils, _rewrite)))
 
 TORCHAO, ONNXSCRIPT = torchao.__version__, importlib.metadata.version("onnxscript")
 # Any batch size the files will be called with; 1024 bounds what inductor specialises for.

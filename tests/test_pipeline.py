@@ -88,6 +88,9 @@ def test_deploy_matrix_times_and_verifies_every_engine_and_runtime(smoke, model)
                                                    "openvino_fp32", "openvino_int8"} <= set(forms)
     # each on 1 thread too (the smoke runs have 2), but the throughput forms, which split the cores into streams
     assert {f"{n}_1thread" for n in forms if not n.endswith(("_1thread", "_throughput"))} <= set(forms)
+    # each flow's int8 file gets the same OpenVINO forms (the throughput hint where the batch splits into streams)
+    assert ("openvino_pt2e_int8_throughput" in forms) == ("openvino_int8_throughput" in forms) == (
+        "openvino_fp32_throughput" in forms) if SMOKE_FLOW[model] == "both" else True
     # every runtime loaded (this barely trained MobileNetV2 may predict one class: that is the only note allowed)
     assert [n for n in r["deploy_notes"] if "predicts one class for every test image" not in n] == []
     for f in r["deploy"]:
