@@ -254,7 +254,9 @@ def fitted(request, cifar_dir, tmp_path_factory):
                 int8_eager=int8, int8=int8_ts, qat_pt2e=qat_pt2e.eval(), int8_pt2e=int8_pt2e, out=out)
 
 
+@pytest.fixture(scope="module")
 def fitted_forms(fitted):
+    """Every deploy form of the fitted model's files, loaded once per model (about 20 s)."""
     args = SimpleNamespace(deploy_runtimes=list(deploy.RUNTIMES), bench_batch_sizes=[1, 64], threads=2, weight_bits=8,
                            flow="both")
     forms, notes = deploy.deploy_forms(fitted["fp32"], fitted["out"], args)
@@ -262,9 +264,9 @@ def fitted_forms(fitted):
     return forms
 
 
-def test_every_form_predicts_the_classes_of_its_reference(fitted):
+def test_every_form_predicts_the_classes_of_its_reference(fitted, fitted_forms):
     """On images the model fitted (logits far from ties) every engine and runtime gives the reference's classes."""
-    forms = fitted_forms(fitted)
+    forms = fitted_forms
     images = fitted["images"]
     references = {"int8": training.predict(fitted["int8_eager"], images),
                   "int8_pt2e": training.predict(fitted["int8_pt2e"], images),
@@ -280,7 +282,7 @@ def test_every_form_predicts_the_classes_of_its_reference(fitted):
 
 @pytest.mark.parametrize("runtime, form", [("torch", "torch_int8_fbgemm"), ("onnxruntime", "onnxruntime_int8"),
                                            ("openvino", "openvino_int8"), ("aoti", "torch_pt2e_int8_aoti")])
-def test_readme_loading_code_predicts_what_the_deploy_stage_verified(fitted, runtime, form):
+def test_readme_loading_code_predicts_what_the_deploy_stage_verified(fitted, fitted_forms, runtime, form):
     """The README's lines for each runtime, run in a process without project code, predict the same classes as
     the deploy stage's form of the same file."""
     snippets, out, images = readme_snippets(), fitted["out"], fitted["images"]
@@ -297,7 +299,7 @@ def test_readme_loading_code_predicts_what_the_deploy_stage_verified(fitted, run
                           text=True, cwd="/", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
-    pipeline = next(f for f in fitted_forms(fitted) if f["name"] == form)
+    pipeline = next(f for f in fitted_forms if f["name"] == form)
     with torch.inference_mode():
         expected = deploy.predict_fixed_batch(pipeline["runs"][64], images, 64)
     assert torch.equal(torch.from_numpy(np.load(out / "preds.npy")), expected)
