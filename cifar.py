@@ -397,10 +397,6 @@ def main(args, out):
     return report
 
 
-def terminate(signum, frame):
-    raise utils.Terminated()
-
-
 def resume_command(argv):
     launcher = "python"
     if TORCHRUN:
@@ -419,7 +415,7 @@ def cli(argv=None):
     if LOCAL_RANK > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGTERM, utils.Terminated.handler)
     try:
         out = check_out_dir(args)
         # one run per output folder: a second one would mix its checkpoints and files into this one's; under

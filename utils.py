@@ -41,6 +41,10 @@ class PeerFailed(RunError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, CI runners, docker stop, Kubernetes): handled like Ctrl-C, exit code 143."""
 
+    @staticmethod
+    def handler(signum, frame):  # signal.signal(signal.SIGTERM, Terminated.handler)
+        raise Terminated()
+
 
 class Stages:
     """Wall time per stage; a stage that fails with an unexpected exception becomes a RunError naming it.
