@@ -382,17 +382,20 @@ def train_qat(fp32_model, earlier, data, args, device, out, ckpt=None, clock=Non
 
 def run(fp32_model, earlier, data, sqnr_images, args, device, out, ckpt=None, clock=None):
     """--flow pt2e|both: QAT, int8 conversion and the PTQ baseline in torchao's PT2E flow from the same float model,
-    and its files: qat_pt2e.pt (the QAT graph's state_dict), int8_pt2e.pt2 and fp32.pt2 (AOTInductor packages),
-    int8_pt2e.onnx (the dynamo exporter's, verified in ONNX Runtime). Returns (report entries, the int8 reference's
-    test-set predictions); the per-layer error is measured on sqnr_images (normalized), as eager mode's."""
+    and its files: qat_pt2e.pt (the QAT graph's state_dict), int8_pt2e.pt2 and fp32.pt2 (AOTInductor packages,
+    where torch is among --deploy-runtimes), int8_pt2e.onnx (the dynamo exporter's, verified in ONNX Runtime).
+    Returns (report entries, the int8 reference's test-set predictions); the per-layer error is measured on
+    sqnr_images (normalized), as eager mode's."""
     (test_images, test_labels), hint = data["test"], training.divergence_hint(args, "qat")
     qat_model, history = train_qat(fp32_model, earlier, data, args, device, out, ckpt, clock)
     training.check_finite(qat_model, "the PT2E QAT model", hint)
     int8_model = convert(qat_model)
     preds = training.predict(int8_model, test_images)
     utils.torch_save(qat_model.state_dict(), out / "qat_pt2e.pt")
-    save_aoti(int8_model, out / "int8_pt2e.pt2")
-    save_aoti(fp32_model.eval(), out / "fp32.pt2")
+    packages = dict(pt2e_int8_aoti="int8_pt2e.pt2", fp32_aoti="fp32.pt2") if "torch" in args.deploy_runtimes else {}
+    if packages:  # PyTorch's deploy files, compiled (30-50 s) only where the deploy stage verifies them
+        save_aoti(int8_model, out / packages["pt2e_int8_aoti"])
+        save_aoti(fp32_model.eval(), out / packages["fp32_aoti"])
     graph = export_onnx(int8_model)
     onnx_preds = deploy.ort_predict(graph, test_images, args.threads)
     export.save_onnx(graph, out / "int8_pt2e.onnx")
@@ -411,5 +414,4 @@ def run(fp32_model, earlier, data, sqnr_images, args, device, out, ckpt=None, cl
     return dict(history=history, accuracy=accuracy, layer_sqnr=sqnr, agreement=dict(pt2e_int8_onnx_vs_torch=training.top1(
                     onnx_preds, preds)),
                 train_images_per_s=dict(qat_pt2e=sum(pace) / len(pace)) if pace else {},
-                artifacts=dict(pt2e_qat_state_dict="qat_pt2e.pt", pt2e_int8_aoti="int8_pt2e.pt2",
-                               fp32_aoti="fp32.pt2", pt2e_int8_onnx="int8_pt2e.onnx")), preds
+                artifacts=dict(pt2e_qat_state_dict="qat_pt2e.pt", pt2e_int8_onnx="int8_pt2e.onnx", **packages)), preds

@@ -89,17 +89,21 @@ with torch.inference_mode():
         for _ in range(int(sys.argv[4])):
             model(x)
 """
-VERBOSE_LINE = re.compile(r"^onednn_verbose,(?:v1,)?primitive,(create[^,]*|exec),.*,([0-9.]+)$")
+VERBOSE_LINE = re.compile(r"^onednn_verbose,(?:v1,)?primitive,(create[^,]*|exec),[^,]*,([a-z_]+),.*,([0-9.]+)$")
 
 
 def onednn_work(path, batch, threads, calls=3):
-    """(oneDNN primitives created per call, executed per call, ms of kernel execution per call) of one model file
-    after warm-up, from oneDNN's own log of the timed calls, in a child process."""
+    """(oneDNN primitives created per call, executed per call, ms of kernel execution per call, reorders executed
+    per call, their ms per call) of one model file after warm-up, from oneDNN's own log of the timed calls, in a
+    child process. A reorder in a timed call re-lays out a tensor, a weight where the prepacked layout is not the
+    one the convolution chose for this batch and thread count."""
     log = subprocess.run([sys.executable, "-c", ONEDNN_CALLS, str(path), str(batch), str(threads), str(calls)],
                          capture_output=True, text=True, check=True).stdout
     events = [m.groups() for m in map(VERBOSE_LINE.match, log.split("-- timed calls --")[1].splitlines()) if m]
-    executed = [float(ms) for kind, ms in events if kind == "exec"]
-    return sum(kind != "exec" for kind, _ in events) / calls, len(executed) / calls, sum(executed) / calls
+    executed = [(kind, float(ms)) for event, kind, ms in events if event == "exec"]
+    reorders = [ms for kind, ms in executed if kind == "reorder"]
+    return (sum(event != "exec" for event, _, _ in events) / calls, len(executed) / calls,
+            sum(ms for _, ms in executed) / calls, len(reorders) / calls, sum(reorders) / calls)
 
 
 def main():
@@ -129,11 +133,12 @@ def main():
             x = torch.randn(b, 3, 32, 32)
             times = deploy.time_interleaved({k: (lambda f=f: f(x)) for k, f in forms.items()}, 20, a.runs, 5, 0.01)
             print(f"| {b} | " + " | ".join(f"{t['median']:.3f}" for t in times.values()) + " |", flush=True)
-    print("\noneDNN per call (ONEDNN_VERBOSE=all): primitives created, executed, kernel ms")
+    print("\noneDNN per call (ONEDNN_VERBOSE=all): primitives created, executed, kernel ms (of which reorders)")
     print("| batch | eager onednn (int8.pt) | AOTI dynamic batch (int8_pt2e.pt2) |\n|---|---|---|")
     for b in a.batch_sizes:
         work = [onednn_work(a.run_dir / name, b, a.threads) for name in ("int8.pt", "int8_pt2e.pt2")]
-        print(f"| {b} | " + " | ".join(f"{c:.0f} created, {e:.0f} run, {ms:.3f} ms" for c, e, ms in work) + " |")
+        print(f"| {b} | " + " | ".join(f"{c:.0f} created, {e:.0f} run, {ms:.3f} ms ({r:.0f} reorders, {r_ms:.3f} ms)"
+                                       for c, e, ms, r, r_ms in work) + " |")
     for b in a.batch_sizes:
         profiles = {name: ort_profile(a.run_dir / name, b, a.threads, a.runs)
                     for name in ("int8.onnx", "int8_pt2e.onnx")}

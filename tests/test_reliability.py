@@ -218,3 +218,6 @@ def test_kill_9_in_pt2e_qat_then_resume_gives_the_uninterrupted_weights(data_dir
     assert same_state(tmp_path / "cut" / "resnet18" / "qat_pt2e.pt", weights)
     report = json.loads((tmp_path / "cut" / "resnet18" / "report.json").read_text())
     assert report["flow"] == "pt2e" and "int8" not in report["accuracy"] and report["accuracy"]["pt2e_int8"] > 0
+    # torch is not among its --deploy-runtimes: no AOTInductor packages, which nothing would verify
+    assert not {"pt2e_int8_aoti", "fp32_aoti"} & set(report["artifacts"])
+    assert not list((tmp_path / "cut" / "resnet18").glob("*.pt2"))
