@@ -411,7 +411,7 @@ def run(fp32_model, earlier, data, sqnr_images, args, device, out, ckpt=None, cl
         reference = layer_outputs(capture(fp32_model, train=False), sqnr_images, int8=False)
         sqnr = dict(pt2e_ptq=layer_sqnr(reference, ptq_model, sqnr_images), **sqnr)
     pace = [h["images_per_s"] for h in history]
-    return dict(history=history, accuracy=accuracy, layer_sqnr=sqnr, agreement=dict(pt2e_int8_onnx_vs_torch=training.top1(
-                    onnx_preds, preds)),
+    return dict(history=history, accuracy=accuracy, layer_sqnr=sqnr,
+                agreement=dict(pt2e_int8_onnx_vs_torch=training.top1(onnx_preds, preds)),
                 train_images_per_s=dict(qat_pt2e=sum(pace) / len(pace)) if pace else {},
                 artifacts=dict(pt2e_qat_state_dict="qat_pt2e.pt", pt2e_int8_onnx="int8_pt2e.onnx", **packages)), preds

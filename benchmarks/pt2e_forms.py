@@ -4,8 +4,9 @@ operator type in int8_pt2e.onnx against the eager int8.onnx.
 Reads a finished `--flow both` run folder. (1) Times, interleaved in this process, the eager int8 TorchScript file
 under fbgemm and onednn, the run's int8_pt2e.pt2 (dynamic batch) and packages of the same PT2E int8 model compiled
 here for one static batch size each. (2) Counts, from oneDNN's log, the primitives the eager onednn file and the
-package create and run per call, and their kernel time. (3) Runs both ONNX files in ONNX Runtime with its profiler and sums the
-kernel time per operator type (after ONNX Runtime's graph optimizations: which Q/DQ groups became QLinearConv).
+package create and run per call, their kernel time and the reorders among them. (3) Runs both ONNX files in ONNX
+Runtime with its profiler and sums the kernel time per operator type (after ONNX Runtime's graph optimizations:
+which Q/DQ groups became QLinearConv).
 
     python benchmarks/pt2e_forms.py save_models/mobilenet_v2
 """
