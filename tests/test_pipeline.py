@@ -247,8 +247,7 @@ def fitted(request, cifar_dir, tmp_path_factory):
     # the PT2E flow from the same float model, and its files
     qat_pt2e, _ = pt2e.train_qat(fp32, history, splits, args, torch.device("cpu"), out)
     int8_pt2e = pt2e.convert(qat_pt2e)
-    pt2e.save_aoti(int8_pt2e, out / "int8_pt2e.pt2")
-    pt2e.save_aoti(fp32.eval(), out / "fp32.pt2")
+    pt2e.save_aoti(int8_pt2e, out / "int8_pt2e.pt2")  # (fp32.pt2, 15-20 s more to compile, is the smoke run's)
     export.save_onnx(pt2e.export_onnx(int8_pt2e), out / "int8_pt2e.onnx")
     return dict(model=model, images=images[idx], labels=labels[idx], fp32=fp32.eval(), qat=qat.eval(),
                 int8_eager=int8, int8=int8_ts, qat_pt2e=qat_pt2e.eval(), int8_pt2e=int8_pt2e, out=out)
@@ -256,11 +255,12 @@ def fitted(request, cifar_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted_forms(fitted):
-    """Every deploy form of the fitted model's files, loaded once per model (about 20 s)."""
+    """Every deploy form of the fitted model's files, loaded once per model (about 20 s); the fixture compiles no
+    fp32.pt2, so its two forms are the only ones missing."""
     args = SimpleNamespace(deploy_runtimes=list(deploy.RUNTIMES), bench_batch_sizes=[1, 64], threads=2, weight_bits=8,
                            flow="both")
     forms, notes = deploy.deploy_forms(fitted["fp32"], fitted["out"], args)
-    assert notes == []
+    assert [n.split(":")[0] for n in notes] == ["torch_fp32_aoti", "torch_fp32_aoti_1thread"], notes
     return forms
 
 
@@ -276,8 +276,7 @@ def test_every_form_predicts_the_classes_of_its_reference(fitted, fitted_forms):
         print(f"{fitted['model']} {f['name']}: agreement {f['agreement']:.2f}, top-1 {f['top1']:.2f}")
     assert {f["name"] for f in forms if not f["verified"]} == set(), [(f["name"], f["note"]) for f in forms]
     assert {f["reference"] for f in forms} == {"int8", "int8_pt2e", "fp32"}
-    assert {"torch_pt2e_int8_aoti", "torch_fp32_aoti", "onnxruntime_pt2e_int8", "openvino_pt2e_int8"} <= {
-        f["name"] for f in forms}
+    assert {"torch_pt2e_int8_aoti", "onnxruntime_pt2e_int8", "openvino_pt2e_int8"} <= {f["name"] for f in forms}
 
 
 @pytest.mark.parametrize("runtime, form", [("torch", "torch_int8_fbgemm"), ("onnxruntime", "onnxruntime_int8"),
